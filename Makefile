@@ -1,0 +1,38 @@
+# Every target creates .venv itself when it is missing (or when pyproject.toml changed).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+VAE    := $(VENV)/bin/vae
+STAMP  := $(VENV)/.installed
+RUN    := runs/digits
+
+.PHONY: install test demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The main job on the embedded digits set: train, evaluate, sample, classify real PNG files.
+demo: $(STAMP)
+	$(VAE) train recipes/digits.yaml --name digits --exist-ok
+	$(VAE) eval $(RUN)/model.safetensors
+	$(VAE) sample $(RUN)/model.safetensors -n 64 -o $(RUN)/sample-grid.png
+	$(VAE) sample $(RUN)/model.safetensors -n 36 --class 3 -o $(RUN)/threes.png
+	$(VAE) sample $(RUN)/model.safetensors --reconstruct -n 32 -o $(RUN)/reconstructions.png
+	$(PY) scripts/export_digits.py $(RUN)/images --count 20 > /dev/null
+	$(VAE) classify $(RUN)/model.safetensors $(RUN)/images --top-k 2
+	$(VAE) info $(RUN)/model.safetensors
+	@echo "demo outputs are in $(RUN)/ (model.safetensors, metrics.csv, *.png, images/)"
+
+lint: $(STAMP)
+	$(PY) -m ruff check vae_cli tests scripts
+
+clean:
+	rm -rf runs .pytest_cache

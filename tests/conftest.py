@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, runner):
+    """One tiny model trained through the CLI, shared by the tests that only read it."""
+    from vae_cli.cli import app
+
+    out = tmp_path_factory.mktemp("runs")
+    res = runner.invoke(app, ["train", str(TINY), "--out", str(out), "--device", "cpu", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return out / "tiny"

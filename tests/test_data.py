@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vae_cli.data import build_dataset, labelled_subset, stratified_split
+from vae_cli.errors import DataError, RecipeError
+from vae_cli.recipe import DataConfig
+
+
+def test_digits_dataset_shapes_and_range():
+    d = build_dataset(DataConfig(), seed=0)
+    assert d.image_shape == (1, 8, 8) and d.classes == [str(i) for i in range(10)]
+    assert len(d.train_x) + len(d.test_x) == 1797
+    assert 0.0 <= float(d.train_x.min()) and float(d.train_x.max()) <= 1.0
+    assert len(d.labelled) == len(d.train_x)
+
+
+def test_test_split_is_stratified_and_independent_of_the_seed():
+    a, b = build_dataset(DataConfig(), seed=0), build_dataset(DataConfig(), seed=5)
+    assert np.array_equal(a.test_y.numpy(), b.test_y.numpy())
+    counts = np.bincount(a.test_y.numpy())
+    assert counts.min() >= 30 and counts.max() <= 40
+
+
+def test_labelled_subset_is_stratified_seeded_and_reproducible():
+    y = np.repeat(np.arange(10), 50)
+    a = labelled_subset(y, per_class=3, fraction=None, seed=1)
+    assert len(a) == 30 and np.all(np.bincount(y[a]) == 3)
+    assert np.array_equal(a, labelled_subset(y, 3, None, seed=1))
+    assert not np.array_equal(a, labelled_subset(y, 3, None, seed=2))
+    f = labelled_subset(y, None, 0.1, seed=0)
+    assert np.all(np.bincount(y[f]) == 5)
+    with pytest.raises(DataError, match="has only 50"):
+        labelled_subset(y, 51, None, 0)
+
+
+def test_split_holds_out_every_class():
+    y = np.array([0] * 10 + [1] * 3)
+    keep, held = stratified_split(y, 0.2, 0)
+    assert set(y[held]) == {0, 1} and len(set(keep) & set(held)) == 0 and len(keep) + len(held) == 13
+
+
+def test_labels_per_class_reaches_the_dataset():
+    d = build_dataset(DataConfig(labels_per_class=4), seed=0)
+    assert len(d.labelled) == 40
+    assert np.all(np.bincount(d.train_y[d.labelled].numpy()) == 4)
+
+
+def test_unknown_dataset_suggests():
+    with pytest.raises(RecipeError, match="did you mean 'digits'"):
+        build_dataset(DataConfig(name="digit"), 0)

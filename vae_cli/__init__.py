@@ -1,0 +1,3 @@
+"""vae: train Variational Autoencoders on images; classify with few labels, generate, reconstruct."""
+
+__version__ = "0.1.0"

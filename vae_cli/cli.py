@@ -1,0 +1,362 @@
+"""The `vae` command line. Parsing and printing only: the work happens in the engine modules, which are
+imported inside each command so `vae --help` never imports torch.
+
+Results go to stdout (a table, CSV or one JSON object); logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from vae_cli import __version__
+from vae_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_RUNTIME, UsageError, VaeError
+
+app = typer.Typer(
+    name="vae",
+    help="Train Variational Autoencoders on images; classify (even with few labels), sample, reconstruct.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": os.environ.get("VAE_DEBUG", "") not in ("", "0")}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn user-facing errors into one line on stderr and their exit code (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except VaeError as e:
+            if _state["debug"]:
+                raise
+            _err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:  # `vae ... | head` closed stdout: stop quietly, as SIGPIPE would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            _err("error: out of memory; lower train.batch_size or use a smaller model")
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except Exception as e:  # a bug or an environment failure: one line, and how to see more
+            if _state["debug"]:
+                raise
+            _err(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+            raise typer.Exit(EXIT_RUNTIME) from None
+
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _table(title: str | None, rows: list[tuple[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(soft_wrap=True).print(t)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (or set VAE_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print version."),
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@guarded
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/digits.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides: model.latent_dim=32 epochs=5"),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: the recipe's name)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse runs/NAME instead of making NAME-2."),
+    device: Optional[Device] = typer.Option(None, "--device", help="auto | cpu | cuda (overrides train.device)."),
+    precision: Optional[Precision] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the recipe's seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with results and paths."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+) -> None:
+    """Train a model from a recipe; writes runs/NAME/ (recipe.yaml, metrics.csv, model.safetensors, samples.png)."""
+    from vae_cli import recipe as recipe_mod
+
+    extra = [f"train.device={device.value}"] if device else []
+    extra += [f"train.precision={precision.value}"] if precision else []
+    extra += [f"seed={seed}"] if seed is not None else []
+    r = recipe_mod.load(recipe, list(overrides or []) + extra)
+
+    from vae_cli.console import Reporter
+    from vae_cli.train import train as run_training
+
+    result = run_training(r, out=out, name=name, exist_ok=exist_ok, reporter=Reporter(quiet=quiet))
+    if as_json:
+        _print_json(result)
+        return
+    t = result["test"]
+    _table(None, [("run", result["run_dir"]), ("weights", result["paths"]["weights"]),
+                  ("samples", result["paths"]["samples"]), ("metrics", result["paths"]["metrics"]),
+                  ("device", f"{result['device']}/{result['precision']}"),
+                  ("train seconds", result["train_seconds"]), ("test accuracy", t["accuracy"]),
+                  ("test ELBO (nats/image)", t["elbo"])])
+
+
+def _runtime(device: Device):
+    from vae_cli.runtime import resolve
+
+    return resolve(device.value, "auto")
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
+    split: str = typer.Option("test", "--split", help="test | train: the split of the recipe's dataset."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """ELBO, reconstruction term, KL, accuracy, per-class accuracy and confusion matrix."""
+    if split not in ("test", "train"):
+        raise UsageError(f"--split must be test or train, got '{split}'")
+    from vae_cli import checkpoint
+    from vae_cli.data import build_dataset
+    from vae_cli.evaluate import evaluate
+
+    rt = _runtime(device)
+    model, meta = checkpoint.load(weights, rt.device)
+    r = meta["recipe_obj"]
+    data = build_dataset(r.data, r.seed)
+    x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
+    if list(x.shape[1:]) != list(meta["image_shape"]) or len(data.classes) != len(meta["classes"]):
+        raise UsageError(f"the dataset now gives images {tuple(x.shape[1:])} and {len(data.classes)} classes "
+                         f"but the model expects {tuple(meta['image_shape'])} and {len(meta['classes'])}")
+    res = {"weights": str(weights), "split": split, **evaluate(model, x, y, meta["classes"], rt)}
+    if as_json:
+        _print_json(res)
+        return
+    _table(f"{weights} ({split} split, {res['n']} images)",
+           [("accuracy", res["accuracy"]), ("ELBO (nats/image)", res["elbo"]),
+            ("reconstruction -log p(x|z)", res["recon"]), ("KL(q(z|x) || p(z))", res["kl"])]
+           + [(f"accuracy[{c}]", a) for c, a in res["per_class_accuracy"].items()])
+    classes = meta["classes"]
+    width = max(len(c) for c in classes + ["true\\pred"]) + 1
+    cell = max(5, max(len(str(v)) for row in res["confusion_matrix"] for v in row) + 1)
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    print("true\\pred".ljust(width) + "".join(c.rjust(cell) for c in classes))
+    for c, row in zip(classes, res["confusion_matrix"]):
+        print(c.ljust(width) + "".join(str(v).rjust(cell) for v in row))
+
+
+def _class_index(meta: dict, cls: str) -> int:
+    classes = meta["classes"]
+    if cls in classes:
+        return classes.index(cls)
+    if cls.isdigit() and int(cls) < len(classes):
+        return int(cls)
+    raise UsageError(f"--class '{cls}' is not one of the model's classes: {', '.join(classes)}")
+
+
+@app.command()
+@guarded
+def sample(
+    weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
+    n: int = typer.Option(64, "-n", "--num", min=1, max=4096, help="How many images."),
+    cls: Optional[str] = typer.Option(None, "--class", help="Class name or index: class-conditional samples."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Scale of the latent noise."),
+    output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="Grid PNG to write."),
+    each: Optional[Path] = typer.Option(None, "--each", help="Also write one PNG per image into this folder."),
+    reconstruct: bool = typer.Option(False, "--reconstruct",
+                                     help="Show test images (or --images) beside their reconstructions."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Images to reconstruct (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the latent noise."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the paths written."),
+) -> None:
+    """Draw samples (or reconstructions) from a trained model into a PNG grid."""
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"--output must end in .png, got '{output}'")
+    import torch
+
+    from vae_cli import checkpoint, pictures
+
+    rt = _runtime(device)
+    model, meta = checkpoint.load(weights, rt.device)
+    torch.manual_seed(seed)
+    with torch.no_grad(), rt.autocast():
+        if reconstruct:
+            x = _reconstruction_inputs(meta, images, n)
+            recon = model.reconstruct(x.to(rt.device)).float().cpu()
+            # pairs side by side: input, reconstruction, input, reconstruction ...
+            pics = torch.stack([x, recon], 1).flatten(0, 1)
+            nrow = 2 * max(1, int(len(x) ** 0.5))
+        else:
+            y = torch.full((n,), _class_index(meta, cls), device=rt.device) if cls is not None else None
+            pics, nrow = model.sample(n, y, temperature).float().cpu(), None
+    written = [str(pictures.save_grid(pics, output, nrow))]
+    if each is not None:
+        written += [str(p) for p in pictures.save_each(pics, each)]
+    if as_json:
+        _print_json({"weights": str(weights), "written": written, "n": int(len(pics))})
+    else:
+        print(written[0] + (f" (+{len(written) - 1} files in {each})" if each else ""))
+
+
+def _reconstruction_inputs(meta: dict, images: list[Path] | None, n: int):
+    import torch
+
+    c, h, w = meta["image_shape"]
+    if images:
+        from vae_cli.images import load_image
+
+        return torch.stack([torch.from_numpy(load_image(p, c, (h, w))) for p in images])
+    from vae_cli.data import build_dataset
+
+    r = meta["recipe_obj"]
+    return build_dataset(r.data, r.seed).test_x[:n]
+
+
+@app.command()
+@guarded
+def classify(
+    weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
+    paths: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) and globs."),
+    top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="How many classes to print per image."),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table | csv | json"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Device = typer.Option(Device.auto, "--device"),
+) -> None:
+    """Predict the class of each image. Bad images are reported on stderr and skipped; the exit code
+    is then 2 after all other images were classified."""
+    from vae_cli import checkpoint
+    from vae_cli.classify import classify_paths
+    from vae_cli.images import expand_paths
+
+    files = expand_paths(paths)
+    rt = _runtime(device)
+    model, meta = checkpoint.load(weights, rt.device)
+    rows, failures = classify_paths(model, meta, files, rt, top_k=top_k, batch_size=batch_size)
+    for f in failures:
+        _err(f"error: {f}")
+    _print_rows(rows, fmt, top_k)
+    if failures:
+        _err(f"{len(failures)} of {len(files)} images could not be classified")
+        raise typer.Exit(UsageError.exit_code)
+
+
+def _print_rows(rows: list[dict], fmt: Format, top_k: int) -> None:
+    if fmt is Format.json:
+        _print_json(rows)
+        return
+    if fmt is Format.csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        header = ["path"]
+        for i in range(1, top_k + 1):
+            header += [f"class_{i}", f"prob_{i}"] if top_k > 1 else ["class", "prob"]
+        w.writerow(header)
+        for r in rows:
+            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["class"], f"{p['prob']:.6f}")])
+        return
+    for r in rows:
+        preds = "  ".join(f"{p['class']} {p['prob']:.4f}" for p in r["top"])
+        print(f"{r['path']}\t{preds}")
+
+
+@app.command()
+@guarded
+def info(
+    weights: Optional[Path] = typer.Argument(None, help="A model.safetensors written by `vae train`."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    defaults: bool = typer.Option(False, "--defaults", help="Print every recipe key with default and help."),
+    models: bool = typer.Option(False, "--models", help="List the registered models."),
+) -> None:
+    """Show a weights file's metadata (model, data, classes, image shape, metrics, version)."""
+    if defaults:
+        from vae_cli.recipe import defaults_yaml
+
+        print(defaults_yaml(), end="")
+        return
+    if models:
+        from vae_cli.models import REGISTRY
+
+        for name, cls in sorted(REGISTRY.items()):
+            print(f"{name}\t{(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+        return
+    if weights is None:
+        raise UsageError("give a weights file (vae info runs/NAME/model.safetensors), or --defaults / --models")
+    from vae_cli.checkpoint import read_metadata
+
+    meta = read_metadata(weights)
+    meta["labelled_count"] = len(meta.pop("labelled_indices", []))
+    if as_json:
+        _print_json(meta)
+        return
+    r = meta["recipe"]
+    rows = [("file", str(weights)), ("model", meta["model"]), ("dataset", r["data"]["name"]),
+            ("classes", ", ".join(meta["classes"])), ("image shape", "x".join(map(str, meta["image_shape"]))),
+            ("latent dim", r["model"]["latent_dim"]), ("likelihood", r["model"]["likelihood"]),
+            ("labelled images", meta["labelled_count"]), ("version", meta["version"]), ("created", meta["created"])]
+    rows += [(f"metric {k}", v) for k, v in meta.get("metrics", {}).items()]
+    _table(None, rows)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""What every model offers the training loop and the commands. Subclasses add only what differs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Model(nn.Module):
+    registry_name = "?"
+
+    def __init__(self, cfg, image_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+
+    # --- training ---------------------------------------------------------------------------------
+    def loss(self, x: Tensor, y: Tensor, labelled: Tensor, kl_weight: float) -> dict[str, Tensor]:
+        """Batch-mean loss terms; `loss` is minimised. `labelled` marks which rows of `y` are known."""
+        raise NotImplementedError
+
+    def fit_classifier(self, x: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:
+        """A stage after the main loop that fits the classifier on labelled data (default: none)."""
+        return {}
+
+    # --- using a trained model --------------------------------------------------------------------
+    def elbo_parts(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-example `recon` (-log p(x|z)) and `kl` terms of the ELBO, in nats."""
+        raise NotImplementedError
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """Class probabilities (B, num_classes) from the model's best classifier."""
+        raise NotImplementedError
+
+    def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        """n images in [0, 1]; class-conditional when y is given."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Images in [0, 1] decoded from the posterior mean of x."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
