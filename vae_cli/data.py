@@ -86,6 +86,19 @@ def _digits(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[s
     return x[train], y[train], x[test], y[test], [str(c) for c in range(10)]
 
 
+def conform(x: np.ndarray, cfg) -> np.ndarray:
+    """Apply data.channels (ITU-R 601 luminance, as Pillow's "L"; or grey repeated) and data.image_size."""
+    if cfg.channels == 1 and x.shape[1] == 3:
+        x = (x * np.array([0.299, 0.587, 0.114], np.float32)[None, :, None, None]).sum(1, keepdims=True)
+    elif cfg.channels == 3 and x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    if cfg.image_size is not None and x.shape[2:] != (cfg.image_size, cfg.image_size):
+        t = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size=(cfg.image_size,) * 2,
+                                            mode="bilinear", antialias=True, align_corners=False)
+        x = t.clamp(0, 1).numpy()
+    return x
+
+
 def build_dataset(cfg, seed: int) -> Dataset:
     try:
         builder = BUILDERS[cfg.name]
@@ -94,9 +107,16 @@ def build_dataset(cfg, seed: int) -> Dataset:
         hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(sorted(BUILDERS))}"
         raise RecipeError(f"unknown dataset 'data.name={cfg.name}'; {hint}") from None
     train_x, train_y, test_x, test_y, classes = builder(cfg)
+    if len(train_x) == 0:
+        raise DataError(f"dataset '{cfg.name}' has no training images")
+    train_x, test_x = conform(train_x, cfg), conform(test_x, cfg)
     if cfg.train_limit is not None:
         train_x, train_y = train_x[: cfg.train_limit], train_y[: cfg.train_limit]
     labelled = labelled_subset(train_y, cfg.labels_per_class, cfg.labeled_fraction, seed)
     return Dataset(torch.from_numpy(np.ascontiguousarray(train_x)), torch.from_numpy(train_y),
                    torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y), classes,
                    torch.from_numpy(labelled))
+
+
+# Importing the builder modules registers them.
+from vae_cli import datasets_folder, datasets_tv  # noqa: E402,F401
