@@ -6,7 +6,7 @@ VAE    := $(VENV)/bin/vae
 STAMP  := $(VENV)/.installed
 RUN    := runs/digits
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean bench-accuracy
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Few-label accuracy on full MNIST from ../shared/data/mnist (3 seeds x 100 labels, then all labels).
+bench-accuracy: $(STAMP)
+	$(PY) scripts/bench_accuracy.py

@@ -7,6 +7,7 @@ import torch
 
 from vae_cli import checkpoint, losses
 from vae_cli.models import REGISTRY, build_model
+from vae_cli.models.base import Batch
 from vae_cli.recipe import ModelConfig
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 30, 22)]
@@ -24,7 +25,7 @@ def test_shapes_loss_backward(name, shape, likelihood):
     model = _model(name, shape, likelihood=likelihood)
     x = torch.rand(5, *shape)
     y = torch.randint(0, 10, (5,))
-    terms = model.loss(x, y, torch.ones(5, dtype=torch.bool), kl_weight=1.0)
+    terms = model.loss(Batch(x, y, torch.ones(5, dtype=torch.bool), x[:2], y[:2]), kl_weight=1.0)
     assert {"loss", "recon", "kl"} <= set(terms)
     assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
     terms["loss"].backward()
@@ -45,7 +46,8 @@ def test_bf16_autocast_loss_is_finite(name):
     model = _model(name, (1, 28, 28))
     x = torch.rand(4, 1, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms = model.loss(x, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool), 1.0)
+        y = torch.zeros(4, dtype=torch.long)
+        terms = model.loss(Batch(x, y, torch.ones(4, dtype=torch.bool), x[:2], y[:2]), 1.0)
     assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
 
 
@@ -74,7 +76,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
     recipe = Recipe().replace(**{"model.name": name, "model.latent_dim": 4, "model.width": 8, "model.hidden": 32})
     model = build_model(recipe.model, (1, 8, 8), 10).eval()
     with torch.no_grad():
-        model.feat_mean.add_(0.25)  # buffers must travel too
+        for b in model.buffers():  # buffers must travel too
+            if b.is_floating_point():
+                b.add_(0.25)
     path = tmp_path / "m.safetensors"
     checkpoint.save(path, model, classes=[str(i) for i in range(10)], preprocess={"channels": 1, "size": [8, 8]},
                     metrics={"accuracy": 0.5}, recipe=recipe.to_dict())
@@ -85,3 +89,38 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
         assert torch.equal(model.reconstruct(x), loaded.reconstruct(x))
     assert meta["model"] == name and meta["metrics"]["accuracy"] == 0.5
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
+
+
+def test_m2_unlabelled_bound_equals_the_explicit_sum_over_classes():
+    """The batched enumeration gives, per image, sum_y q(y|x) * -L(x,y) - H(q) computed class by class."""
+    from vae_cli.models.m2 import m2_unlabelled_bound
+
+    model = _model("m2", (1, 8, 8)).eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        h = model.trunk(x)
+        q = torch.softmax(model.class_logits(h), 1)
+        torch.manual_seed(1)
+        batched = m2_unlabelled_bound(q, model._enumerate(x, h)["value"])
+        torch.manual_seed(1)
+        # the same noise draws, one (image, class) pair at a time in the same order
+        eps = torch.randn(3 * 10, 4)
+        explicit = torch.zeros(3)
+        for i in range(3):
+            for c in range(10):
+                y = torch.tensor([c])
+                mu, logvar = model.posterior(h[i:i + 1], y)
+                z = mu + eps[i * 10 + c] * torch.exp(0.5 * logvar)
+                recon = model.likelihood.nll(model.decode(z, y), x[i:i + 1])
+                value = recon + losses.gaussian_kl(mu, logvar) + torch.log(torch.tensor(10.0))
+                explicit[i] += q[i, c] * value[0]
+            explicit[i] += (q[i] * torch.log(q[i])).sum()  # minus the entropy
+    assert torch.allclose(batched, explicit, atol=1e-4), (batched, explicit)
+
+
+def test_m2_samples_follow_the_class():
+    model = _model("m2", (1, 8, 8)).eval()
+    with torch.no_grad():
+        a = model.sample(2, torch.tensor([1, 1]), temperature=0.0)
+        b = model.sample(2, torch.tensor([7, 7]), temperature=0.0)
+    assert torch.allclose(a[0], a[1]) and not torch.allclose(a[0], b[0])

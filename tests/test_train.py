@@ -43,3 +43,26 @@ def test_training_lowers_the_loss_and_learns_to_classify(tmp_path):
 def test_fp16_uses_a_grad_scaler_and_trains(tmp_path):
     _, res = _weights(tmp_path, "h", "train.precision=fp16")
     assert res["precision"] == "fp16" and res["test"]["elbo"] == res["test"]["elbo"]  # not NaN
+
+
+def test_m2_with_few_labels_beats_chance_clearly(tmp_path):
+    """End to end: M2 on the digits with 5 labels per class (50 of 1,438) learns from unlabelled images."""
+    r = R.load(None, ["train.device=cpu", "data.labels_per_class=5", "model.name=m2", "model.decoder=mlp",
+                      "model.width=16", "model.hidden=128", "model.latent_dim=8", "model.head_hidden=0",
+                      "model.alpha=10", "model.consistency=1.0", "model.threshold=0.9", "epochs=8",
+                      "batch_size=64", "labelled_batch_size=32", "augment_shift=1", "head_steps=0"])
+    res = train(r, out=tmp_path, name="m2", reporter=Reporter(quiet=True))
+    assert res["test"]["accuracy"] > 0.6, res["test"]["accuracy"]  # chance is 0.1
+    meta_labelled = load_file(res["paths"]["weights"])  # the file loads as plain tensors
+    assert meta_labelled
+
+
+def test_labelled_indices_are_recorded(tmp_path):
+    from vae_cli.checkpoint import read_metadata
+    from vae_cli.data import build_dataset
+
+    _, res = _weights(tmp_path, "lab", "data.labels_per_class=3")
+    meta = read_metadata(res["paths"]["weights"])
+    r = R.load(TINY, ["data.labels_per_class=3"])
+    expected = build_dataset(r.data, r.seed).labelled.tolist()
+    assert meta["labelled_indices"] == expected and len(expected) == 30

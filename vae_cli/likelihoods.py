@@ -19,17 +19,24 @@ class Bernoulli(nn.Module):
 
 
 class Gaussian(nn.Module):
-    """Decoder output = per-pixel mean through a sigmoid; one learned log standard deviation."""
+    """Decoder output = per-pixel mean through a sigmoid (images in [0, 1]); one learned log standard
+    deviation. With `vector=True` (M1+M2's latent codes): identity mean and one scale per dimension."""
 
-    def __init__(self) -> None:
+    def __init__(self, dims: int = 1, vector: bool = False) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.full((1,), -2.0))
+        self.vector = vector
+        self.log_scale = nn.Parameter(torch.full((dims,), 0.0 if vector else -2.0))
 
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
-        return losses.gaussian_nll(torch.sigmoid(out.float()), self.log_scale.clamp(-7.0, 2.0), x)
+        return losses.gaussian_nll(self.mean(out), self.log_scale.clamp(-7.0, 2.0), x)
 
     def mean(self, out: Tensor) -> Tensor:
-        return torch.sigmoid(out.float())
+        return out.float() if self.vector else torch.sigmoid(out.float())
 
 
 LIKELIHOODS: dict[str, type[nn.Module]] = {"bernoulli": Bernoulli, "gaussian": Gaussian}
+
+
+def make_likelihood(name: str, shape: tuple[int, ...]) -> nn.Module:
+    """The recipe's likelihood for images; a per-dimension Gaussian for vector inputs."""
+    return LIKELIHOODS[name]() if len(shape) == 3 else Gaussian(shape[0], vector=True)

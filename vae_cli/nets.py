@@ -1,13 +1,18 @@
-"""Convolutional encoder and decoder blocks sized from the image shape.
+"""Encoder and decoder backbones sized from the input shape, chosen by `model.backbone`/`model.decoder`.
 
-Both are built from the same plan: a 3x3 stem, then stride-2 convolutions while the feature map is even
-and at least 8 pixels on each side (8x8 -> 4x4; 28x28 -> 7x7; 32x32 -> 4x4), doubling channels up to
-8x `width`. The decoder mirrors the plan with transposed convolutions, so any image shape round-trips
-exactly without per-dataset code.
+- `small` (default): a 3x3 stem, then 4x4 stride-2 convolutions while the feature map is even and at least
+  8 pixels on each side (8x8 -> 4x4; 28x28 -> 7x7; 32x32 -> 4x4), doubling channels up to 8x `width`;
+  SiLU, no normalisation. The decoder mirrors it with transposed convolutions.
+- `deep`: the classic stack of 3x3 stride-2 convolutions with 32, 64, 128, 256, 512, 1024 channels, each
+  with batch norm and LeakyReLU, mirrored by transposed convolutions (output padding chosen per layer so
+  any size round-trips exactly).
+- `mlp`: fully connected layers on the flattened input; also the only choice for vector inputs (M1+M2).
+Encoders map x -> features (B, out_dim); decoders map a code (B, in_dim) -> per-pixel parameters.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +87,88 @@ def fp32(layer: nn.Module, h: Tensor) -> Tensor:
     posterior lose measurable ELBO when rounded to bf16 (a learned Gaussian scale punishes it)."""
     with torch.autocast(h.device.type, enabled=False):
         return layer(h.float())
+
+
+class DeepEncoder(nn.Module):
+    CHANNELS = (32, 64, 128, 256, 512, 1024)
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int, hidden: int):
+        super().__init__()
+        c, h, w = image_shape
+        layers: list[nn.Module] = []
+        self.sizes = [(h, w)]
+        for c_out in self.CHANNELS:
+            layers += [nn.Conv2d(c, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c, h, w = c_out, (h + 1) // 2, (w + 1) // 2
+            self.sizes.append((h, w))
+        layers += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class DeepDecoder(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], width: int, hidden: int, in_dim: int,
+                 out_channels: int | None = None):
+        super().__init__()
+        sizes = DeepEncoder(image_shape, width, 1).sizes  # the encoder's feature map sizes, to mirror
+        chans = DeepEncoder.CHANNELS[::-1]
+        self.start = (chans[0], *sizes[-1])
+        self.fc = nn.Sequential(nn.Linear(in_dim, chans[0] * sizes[-1][0] * sizes[-1][1]), nn.LeakyReLU(0.2))
+        layers: list[nn.Module] = []
+        rev = sizes[::-1]
+        for i, (src, dst) in enumerate(zip(rev, rev[1:])):
+            c_in, c_out = chans[i], chans[i + 1] if i + 1 < len(chans) else chans[-1]
+            pad = tuple(d - ((s - 1) * 2 - 2 + 3) for s, d in zip(src, dst))  # output_padding hits dst exactly
+            layers += [nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=pad),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Conv2d(chans[-1], out_channels or image_shape[0], 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return fp32(self.out, self.net(self.fc(z).view(z.shape[0], *self.start)))
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self, shape: tuple[int, ...], width: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), hidden), _act(),
+                                 nn.Linear(hidden, hidden), _act())
+        self.out_dim = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self, shape: tuple[int, ...], width: int, hidden: int, in_dim: int):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), _act(), nn.Linear(hidden, hidden), _act())
+        self.out = nn.Linear(hidden, math.prod(shape))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return fp32(self.out, self.net(z)).view(z.shape[0], *self.shape)
+
+
+# name -> (encoder class, decoder class); all take (shape, width, hidden[, in_dim]).
+BACKBONES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "small": (Encoder, Decoder),
+    "deep": (DeepEncoder, DeepDecoder),
+    "mlp": (MLPEncoder, MLPDecoder),
+}
+
+
+def make_encoder(shape: tuple[int, ...], cfg) -> nn.Module:
+    name = cfg.backbone if len(shape) == 3 else "mlp"  # vectors (M1+M2's latent codes) need the MLP
+    return BACKBONES[name][0](shape, cfg.width, cfg.hidden)
+
+
+def make_decoder(shape: tuple[int, ...], cfg, in_dim: int) -> nn.Module:
+    name = (cfg.decoder or cfg.backbone) if len(shape) == 3 else "mlp"
+    return BACKBONES[name][1](shape, cfg.width, cfg.hidden, in_dim)
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Module:

@@ -52,20 +52,35 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = key("vae", "model family from the registry: vae (see `vae info --models`)")
+    name: str = key("vae", "model family from the registry: vae | m2 | m1m2 (see `vae info --models`)")
+    backbone: str = key("small", "encoder/classifier network: small (conv) | deep (conv 32..1024 + batch "
+                                 "norm) | mlp", choices=("small", "deep", "mlp"))
+    decoder: str | None = key(None, "decoder network: small | deep | mlp (null: same as backbone)",
+                              choices=("small", "deep", "mlp", None))
     latent_dim: int = key(16, "size of the latent code z", min=1, max=4096)
     width: int = key(32, "channels of the first conv layer; doubles at each downsampling", min=1, max=1024)
     hidden: int = key(256, "units of the fully connected layer between conv stack and latent", min=1)
     likelihood: str = key("bernoulli", "p(x|z): bernoulli (on logits, images in [0,1]) | gaussian",
                           choices=("bernoulli", "gaussian"))
     beta: float = key(1.0, "weight of the KL term (beta-VAE; 1 = the ELBO)", min=0.0)
-    head_hidden: int = key(256, "hidden units of the latent classifier (0: linear softmax)", min=0)
+    head_hidden: int = key(256, "hidden units of the classifier head (0: linear softmax)", min=0)
+    alpha: float = key(1.0, "M2: weight of the labelled cross-entropy, per labelled image (Kingma et al. "
+                            "2014 use 0.1 x N in summed units)", min=0.0)
+    consistency: float = key(0.0, "M2: weight of the augmentation-consistency term on unlabelled images "
+                                  "(0: off; FixMatch-style pseudo-labels)", min=0.0)
+    threshold: float = key(0.95, "M2: confidence above which a prediction becomes a pseudo-label",
+                           min=0.0, max=1.0)
+    dropout: float = key(0.3, "dropout before the classifier's last layer", min=0.0, max=0.95)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = key(30, "passes over the training set", min=1)
     batch_size: int = key(64, "images per optimisation step", min=1)
+    labelled_batch_size: int = key(64, "labelled images drawn per step (semi-supervised models)", min=1)
+    augment_shift: float = key(0.0, "random shift of up to this many pixels (0: off)", min=0.0)
+    augment_rotate: float = key(0.0, "random rotation of up to this many degrees (0: off)", min=0.0, max=180.0)
+    augment_flip: bool = key(False, "random horizontal flips (for colour photos, not digits)")
     lr: float = key(2e-3, "AdamW learning rate (cosine decay to 5% of it)", min=0.0, exclusive_min=True)
     weight_decay: float = key(0.0, "AdamW weight decay", min=0.0)
     kl_warmup_epochs: int = key(5, "epochs over which the KL weight ramps linearly from 0 to beta", min=0)

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """One optimisation step's data. `x`/`y` is a slice of the whole training set (`labelled` marks
+    which of its labels may be used); `x_lab`/`y_lab` is a separate draw from the labelled subset, so
+    models that need labels see some every step even when 100 of 60,000 images carry one."""
+
+    x: Tensor
+    y: Tensor
+    labelled: Tensor
+    x_lab: Tensor
+    y_lab: Tensor
 
 
 class Model(nn.Module):
@@ -16,8 +31,8 @@ class Model(nn.Module):
         self.num_classes = num_classes
 
     # --- training ---------------------------------------------------------------------------------
-    def loss(self, x: Tensor, y: Tensor, labelled: Tensor, kl_weight: float) -> dict[str, Tensor]:
-        """Batch-mean loss terms; `loss` is minimised. `labelled` marks which rows of `y` are known."""
+    def loss(self, batch: Batch, kl_weight: float) -> dict[str, Tensor]:
+        """Batch-mean loss terms; `loss` is minimised."""
         raise NotImplementedError
 
     def fit_classifier(self, x: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vae_cli import losses
-from vae_cli.likelihoods import LIKELIHOODS
+from vae_cli.likelihoods import make_likelihood
 from vae_cli.models import register
 from vae_cli.models.base import Model
-from vae_cli.nets import Decoder, Encoder, fp32, mlp
+from vae_cli.nets import fp32, make_decoder, make_encoder, mlp
 
 
 @register("vae")
@@ -26,10 +26,10 @@ class VAE(Model):
     def __init__(self, cfg, image_shape, num_classes):
         super().__init__(cfg, image_shape, num_classes)
         k = cfg.latent_dim
-        self.encoder = Encoder(image_shape, cfg.width, cfg.hidden)
+        self.encoder = make_encoder(image_shape, cfg)
         self.to_latent = nn.Linear(self.encoder.out_dim, 2 * k)  # -> (mu, logvar)
-        self.decoder = Decoder(image_shape, cfg.width, cfg.hidden, k)
-        self.likelihood = LIKELIHOODS[cfg.likelihood]()
+        self.decoder = make_decoder(image_shape, cfg, k)
+        self.likelihood = make_likelihood(cfg.likelihood, self.image_shape)
         self.head = mlp(k, cfg.head_hidden, num_classes, dropout=0.3)
         # Filled by fit_classifier; buffers so they travel in the weights file.
         self.register_buffer("feat_mean", torch.zeros(k))
@@ -41,7 +41,8 @@ class VAE(Model):
         mu, logvar = fp32(self.to_latent, self.encoder(x)).chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 8.0)  # keeps exp() finite early in training and under bf16
 
-    def loss(self, x, y, labelled, kl_weight):
+    def loss(self, batch, kl_weight):
+        x = batch.x
         mu, logvar = self.encode(x)
         out = self.decoder(losses.reparameterize(mu, logvar))
         return losses.elbo_terms(self.likelihood.nll(out, x), losses.gaussian_kl(mu, logvar),
