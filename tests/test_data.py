@@ -12,7 +12,7 @@ def test_digits_dataset_shapes_and_range():
     d = build_dataset(DataConfig(), seed=0)
     assert d.image_shape == (1, 8, 8) and d.classes == [str(i) for i in range(10)]
     assert len(d.train_x) + len(d.test_x) == 1797
-    assert 0.0 <= float(d.train_x.min()) and float(d.train_x.max()) <= 1.0
+    assert float(d.train_x.min()) >= 0.0 and float(d.train_x.max()) <= 1.0
     assert len(d.labelled) == len(d.train_x)
 
 

@@ -36,7 +36,7 @@ def test_folder_with_train_and_test(tmp_path):
     assert d.classes == ["cat", "dog", "eel"]
     assert d.train_x.shape == (15, 3, 12, 12) and d.test_x.shape == (5, 3, 12, 12)  # colour present -> 3
     assert np.bincount(d.train_y.numpy()).tolist() == [6, 5, 4]
-    assert 0 <= float(d.train_x.min()) and float(d.train_x.max()) <= 1
+    assert float(d.train_x.min()) >= 0 and float(d.train_x.max()) <= 1
 
 
 def test_folder_val_split_and_grey_override(tmp_path):

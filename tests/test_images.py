@@ -18,14 +18,14 @@ def test_any_mode_becomes_the_model_shape(tmp_path, name, mode, channels):
     path = write(tmp_path / name, mode, (37, 23))
     arr = load_image(path, channels, (8, 8))
     assert arr.shape == (channels, 8, 8) and arr.dtype == np.float32
-    assert 0.0 <= arr.min() and arr.max() <= 1.0
+    assert arr.min() >= 0.0 and arr.max() <= 1.0
     # the white stroke survives the conversion: the centre is brighter than the border
     assert arr[:, 2:6, 3:5].mean() > arr[:, :, 0].mean() + 0.2
 
 
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     path = tmp_path / "w.png"
-    Image.fromarray((np.full((4, 4), 30000, np.uint16))).save(path)
+    Image.fromarray(np.full((4, 4), 30000, np.uint16)).save(path)
     arr = load_image(path, 1, (4, 4))
     assert arr.mean() == pytest.approx(30000 / 65535, abs=0.01)
 

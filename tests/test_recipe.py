@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -12,7 +14,7 @@ from .conftest import ROOT
 def test_defaults_are_valid_and_frozen():
     r = R.load(None)
     assert r.model.name == "vae" and r.train.epochs >= 1
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.train.epochs = 3  # frozen
 
 

@@ -10,9 +10,10 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 import typer
 
@@ -121,13 +122,13 @@ def _main(
 @guarded
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/digits.yaml."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides: model.latent_dim=32 epochs=5"),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides: model.latent_dim=32 epochs=5"),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders."),
-    name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: the recipe's name)."),
+    name: str | None = typer.Option(None, "--name", help="Run folder name (default: the recipe's name)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse runs/NAME instead of making NAME-2."),
-    device: Optional[Device] = typer.Option(None, "--device", help="auto | cpu | cuda (overrides train.device)."),
-    precision: Optional[Precision] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Overrides the recipe's seed."),
+    device: Device | None = typer.Option(None, "--device", help="auto | cpu | cuda (overrides train.device)."),
+    precision: Precision | None = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16."),
+    seed: int | None = typer.Option(None, "--seed", help="Overrides the recipe's seed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with results and paths."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
@@ -191,13 +192,17 @@ def eval_(
            [("accuracy", res["accuracy"]), ("ELBO (nats/image)", res["elbo"]),
             ("reconstruction -log p(x|z)", res["recon"]), ("KL(q(z|x) || p(z))", res["kl"])]
            + [(f"accuracy[{c}]", a) for c, a in res["per_class_accuracy"].items()])
-    classes = meta["classes"]
-    width = max(len(c) for c in classes + ["true\\pred"]) + 1
-    cell = max(5, max(len(str(v)) for row in res["confusion_matrix"] for v in row) + 1)
-    print("\nconfusion matrix (rows: true, columns: predicted)")
-    print("true\\pred".ljust(width) + "".join(c.rjust(cell) for c in classes))
-    for c, row in zip(classes, res["confusion_matrix"]):
-        print(c.ljust(width) + "".join(str(v).rjust(cell) for v in row))
+    _print_confusion(meta["classes"], res["confusion_matrix"])
+
+
+def _print_confusion(classes: list[str], cm: list[list[int]]) -> None:
+    """Rows are true classes, columns predictions; columns are numbered so long names stay readable."""
+    label = max(len(f"{i} {c}") for i, c in enumerate(classes)) + 2
+    cell = max(4, len(str(len(classes) - 1)) + 1, max(len(str(v)) for row in cm for v in row) + 1)
+    print("\nconfusion matrix (rows: true class, columns: predicted class index)")
+    print("".ljust(label) + "".join(str(i).rjust(cell) for i in range(len(classes))))
+    for i, (c, row) in enumerate(zip(classes, cm)):
+        print(f"{i} {c}".ljust(label) + "".join(str(v).rjust(cell) for v in row))
 
 
 def _class_index(meta: dict, cls: str) -> int:
@@ -214,13 +219,13 @@ def _class_index(meta: dict, cls: str) -> int:
 def sample(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     n: int = typer.Option(64, "-n", "--num", min=1, max=4096, help="How many images."),
-    cls: Optional[str] = typer.Option(None, "--class", help="Class name or index: class-conditional samples."),
+    cls: str | None = typer.Option(None, "--class", help="Class name or index: class-conditional samples."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Scale of the latent noise."),
     output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="Grid PNG to write."),
-    each: Optional[Path] = typer.Option(None, "--each", help="Also write one PNG per image into this folder."),
+    each: Path | None = typer.Option(None, "--each", help="Also write one PNG per image into this folder."),
     reconstruct: bool = typer.Option(False, "--reconstruct",
                                      help="Show test images (or --images) beside their reconstructions."),
-    images: Optional[List[Path]] = typer.Option(None, "--images", help="Images to reconstruct (repeatable)."),
+    images: list[Path] | None = typer.Option(None, "--images", help="Images to reconstruct (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the latent noise."),
     device: Device = typer.Option(Device.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the paths written."),
@@ -249,7 +254,7 @@ def sample(
     if each is not None:
         written += [str(p) for p in pictures.save_each(pics, each)]
     if as_json:
-        _print_json({"weights": str(weights), "written": written, "n": int(len(pics))})
+        _print_json({"weights": str(weights), "written": written, "n": len(pics)})
     else:
         print(written[0] + (f" (+{len(written) - 1} files in {each})" if each else ""))
 
@@ -272,7 +277,7 @@ def _reconstruction_inputs(meta: dict, images: list[Path] | None, n: int):
 @guarded
 def classify(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
-    paths: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) and globs."),
+    paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) and globs."),
     top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="How many classes to print per image."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="table | csv | json"),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
@@ -319,7 +324,7 @@ def _print_rows(rows: list[dict], fmt: Format, top_k: int) -> None:
 @app.command()
 @guarded
 def info(
-    weights: Optional[Path] = typer.Argument(None, help="A model.safetensors written by `vae train`."),
+    weights: Path | None = typer.Argument(None, help="A model.safetensors written by `vae train`."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     defaults: bool = typer.Option(False, "--defaults", help="Print every recipe key with default and help."),
     models: bool = typer.Option(False, "--models", help="List the registered models."),

@@ -7,8 +7,8 @@ training loop batches by slicing. Builders register themselves by `data.name`.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -46,7 +46,7 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime,
     per_class = (cm.diag().float() / cm.sum(1).clamp_min(1).float()).tolist()
     nelbo = (recon_t + kl_t).mean().item()
     return {
-        "n": int(len(x)),
+        "n": len(x),
         "elbo": -nelbo,
         "recon": recon_t.mean().item(),
         "kl": kl_t.mean().item(),

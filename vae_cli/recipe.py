@@ -11,6 +11,7 @@ This module must not import torch: `vae --help` and recipe checks stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -157,10 +158,8 @@ def _check_value(dotted: str, value: Any, hint: Any, meta: dict) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base is float:
         if isinstance(value, str):  # YAML reads 1e-3 as a string (YAML 1.1); accept what float() reads
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif base is str:

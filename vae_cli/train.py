@@ -26,7 +26,6 @@ from vae_cli.models.base import Batch
 from vae_cli.recipe import Recipe
 from vae_cli.runtime import Runtime, resolve, seed_everything
 
-
 # Per-epoch numbers in metrics.csv use the first test images only, so a 10,000-image test set does not
 # dominate epoch time; the final evaluation uses the whole split.
 EPOCH_EVAL = 2000

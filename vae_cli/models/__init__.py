@@ -8,7 +8,7 @@ Every registered model is tested by tests/test_models.py (shapes, finite loss, b
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from vae_cli.errors import RecipeError
 from vae_cli.models.base import Model
