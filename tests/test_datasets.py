@@ -122,3 +122,19 @@ def test_real_mnist_gz_files_offline(tmp_path):
     assert d.train_x.shape == (60000, 1, 28, 28) and len(d.test_x) == 10000 and len(d.labelled) == 100
     with gzip.open(raw / "t10k-labels-idx1-ubyte.gz") as f:
         assert d.test_y[:5].tolist() == list(f.read()[8:13])
+
+
+def test_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
+    """data.download=true on a machine without network: torchvision's real download path, with the
+    network call failing as it does offline."""
+    import urllib.error
+
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as e:
+        build_dataset(DataConfig(name="kmnist", root=str(tmp_path), download=True), 0)
+    assert "downloading kmnist failed" in str(e.value) and f"{tmp_path}/KMNIST/raw/" in str(e.value)

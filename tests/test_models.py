@@ -124,3 +124,27 @@ def test_m2_samples_follow_the_class():
         a = model.sample(2, torch.tensor([1, 1]), temperature=0.0)
         b = model.sample(2, torch.tensor([7, 7]), temperature=0.0)
     assert torch.allclose(a[0], a[1]) and not torch.allclose(a[0], b[0])
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("backbone", ["small", "deep", "mlp"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 30, 22)], ids=lambda s: "x".join(map(str, s)))
+def test_every_backbone_round_trips_any_shape(name, backbone, shape):
+    model = _model(name, shape, backbone=backbone)
+    x = torch.rand(3, *shape)
+    y = torch.randint(0, 10, (3,))
+    terms = model.loss(Batch(x, y, torch.ones(3, dtype=torch.bool), x, y), kl_weight=0.5)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])
+    model.eval()
+    with torch.no_grad():
+        assert model.reconstruct(x).shape == x.shape and model.sample(2).shape == (2, *shape)
+
+
+def test_deep_backbone_is_the_classic_stack():
+    model = _model("vae", (1, 28, 28), backbone="deep")
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256, 512, 1024]
+    assert all(c.kernel_size == (3, 3) and c.stride == (2, 2) for c in convs)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules()) == 6
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules()) == 6

@@ -44,7 +44,11 @@ def _open(name: str, cfg, train: bool):
     try:
         return cls(root, download=download, **kwargs)
     except RuntimeError as e:
-        if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+        text = str(e).lower()
+        if "error downloading" in text:  # torchvision tried every mirror and failed
+            raise DataError(f"downloading {name} failed ({str(e).splitlines()[0].strip()}); if this machine is "
+                            f"offline, put {what} in '{place}' and run again") from None
+        if "not found" in text or "corrupted" in text:
             raise DataError(f"{name} not found under '{place}': put {what} there, or set data.download=true "
                             f"(needs internet)") from None
         raise
