@@ -138,3 +138,29 @@ def test_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         build_dataset(DataConfig(name="kmnist", root=str(tmp_path), download=True), 0)
     assert "downloading kmnist failed" in str(e.value) and f"{tmp_path}/KMNIST/raw/" in str(e.value)
+
+
+def test_cifar10_binary_version_without_pickle(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name, n in [*((f"data_batch_{i}.bin", 4) for i in range(1, 6)), ("test_batch.bin", 3)]:
+        labels = (np.arange(n) % 10).astype(np.uint8)[:, None]
+        pixels = rng.randint(0, 256, (n, 3072)).astype(np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels, pixels], 1).tobytes())
+    d = build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), 0)
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (3, 3, 32, 32)
+    assert d.classes[0] == "airplane" and d.train_y[:4].tolist() == [0, 1, 2, 3]
+    raw = (folder / "test_batch.bin").read_bytes()
+    assert abs(float(d.test_x[0, 0, 0, 0]) - raw[1] / 255.0) < 1e-6  # first red pixel of the first image
+    grey = build_dataset(DataConfig(name="cifar10", root=str(tmp_path), channels=1, image_size=16), 0)
+    assert grey.train_x.shape == (20, 1, 16, 16)
+    (folder / "test_batch.bin").write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), 0)
+
+
+def test_cifar10_pickle_version_is_refused_with_a_hint(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(DataError, match="vae never unpickles"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), 0)

@@ -23,6 +23,8 @@ from vae_cli.nets import fp32, make_decoder, make_encoder, mlp
 
 @register("vae")
 class VAE(Model):
+    """Convolutional Gaussian-latent VAE (Kingma & Welling 2014) with an M1 latent classifier."""
+
     def __init__(self, cfg, image_shape, num_classes):
         super().__init__(cfg, image_shape, num_classes)
         k = cfg.latent_dim
