@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from vae_cli import __version__
-from vae_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_RUNTIME, UsageError, VaeError
+from vae_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_NOT_PROMOTED, EXIT_RUNTIME, UsageError, VaeError
 
 app = typer.Typer(
     name="vae",
@@ -131,8 +131,17 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Overrides the recipe's seed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with results and paths."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+    resume: bool = typer.Option(False, "--resume", help="Continue runs/NAME from its last.safetensors."),
+    promote: Path | None = typer.Option(None, "--promote", help="Copy the new weights here only if they beat "
+                                        "the weights already there (exit 3 when they do not)."),
+    promote_metric: str = typer.Option("accuracy", "--promote-metric", help="accuracy | elbo (higher wins)."),
 ) -> None:
-    """Train a model from a recipe; writes runs/NAME/ (recipe.yaml, metrics.csv, model.safetensors, samples.png)."""
+    """Train a model from a recipe; writes runs/NAME/ (recipe.yaml, metrics.csv, model.safetensors,
+    last.safetensors, samples.png)."""
+    from vae_cli.promote import METRICS
+
+    if promote_metric not in METRICS:
+        raise UsageError(f"--promote-metric must be one of {', '.join(METRICS)}, got '{promote_metric}'")
     from vae_cli import recipe as recipe_mod
 
     extra = [f"train.device={device.value}"] if device else []
@@ -143,16 +152,37 @@ def train(
     from vae_cli.console import Reporter
     from vae_cli.train import train as run_training
 
-    result = run_training(r, out=out, name=name, exist_ok=exist_ok, reporter=Reporter(quiet=quiet))
+    result = run_training(r, out=out, name=name, exist_ok=exist_ok, resume=resume, reporter=Reporter(quiet=quiet))
+    decision = _promote(result, r, promote, promote_metric) if promote is not None else None
     if as_json:
-        _print_json(result)
-        return
+        _print_json({**result, "promotion": decision})
+    else:
+        _print_train(result, decision)
+    if decision is not None and not decision["promoted"]:
+        raise typer.Exit(EXIT_NOT_PROMOTED)
+
+
+def _promote(result: dict, r, target: Path, metric: str) -> dict:
+    from vae_cli.data import build_dataset
+    from vae_cli.promote import promote
+    from vae_cli.runtime import resolve
+
+    data = build_dataset(r.data, r.seed)
+    return promote(Path(result["paths"]["weights"]), target, metric, data, resolve(r.train.device, "auto"))
+
+
+def _print_train(result: dict, decision: dict | None) -> None:
     t = result["test"]
     _table(None, [("run", result["run_dir"]), ("weights", result["paths"]["weights"]),
                   ("samples", result["paths"]["samples"]), ("metrics", result["paths"]["metrics"]),
                   ("device", f"{result['device']}/{result['precision']}"),
                   ("train seconds", result["train_seconds"]), ("test accuracy", t["accuracy"]),
                   ("test ELBO (nats/image)", t["elbo"])])
+    if decision is not None:
+        old = "none" if decision["old"] is None else f"{decision['old']:.4f}"
+        verdict = "promoted" if decision["promoted"] else "kept the old model"
+        print(f"promotion: {verdict} at {decision['target']} ({decision['metric']}: new {decision['new']:.4f}, "
+              f"old {old})")
 
 
 def _runtime(device: Device):

@@ -10,7 +10,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_RUNTIME = 1  # training diverged, out of memory, an unexpected failure
 EXIT_USAGE = 2  # bad argument, recipe, image, checkpoint or data (the input is wrong; fix it and rerun)
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_NOT_PROMOTED = 3  # `train --promote`: the new model did not beat the one already there (kept it)
+EXIT_LOCKED = 75  # another process holds the run folder's lock (EX_TEMPFAIL: try again later)
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); a resumable checkpoint was written
+EXIT_TERMINATED = 143  # SIGTERM; a resumable checkpoint was written
 EXIT_BROKEN_PIPE = 141  # stdout closed early (`vae ... | head`), as a SIGPIPE death would report
 
 
@@ -24,6 +27,18 @@ class UsageError(VaeError):
     """The input is wrong: an argument, a recipe key, a file. The message says how to fix it."""
 
     exit_code = EXIT_USAGE
+
+
+class LockHeld(VaeError):
+    exit_code = EXIT_LOCKED
+
+
+class Interrupted(VaeError):
+    """A signal stopped training after a resumable checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class RecipeError(UsageError):

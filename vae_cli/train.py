@@ -1,5 +1,10 @@
 """The training loop: data in memory, batches by slicing, autocast set up once, AdamW with cosine decay,
-KL warm-up, gradient clipping; then the classifier stage, the evaluation and the run directory's files.
+KL warm-up, gradient clipping; resumable state every epoch (and every `train.checkpoint_every` steps);
+SIGTERM/SIGINT write that state and stop; then the classifier stage, the evaluation and the run files.
+
+A run killed at any point and resumed with `--resume` ends with the same weights as an uninterrupted
+run: the state file holds the model, optimizer, scheduler, GradScaler, RNG states and the epoch's data
+order, and everything after the loop is seeded afresh.
 """
 
 from __future__ import annotations
@@ -8,27 +13,33 @@ import csv
 import io
 import math
 import os
+import signal
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
-from vae_cli import checkpoint, fsutil, pictures
+from vae_cli import checkpoint, fsutil, pictures, state
 from vae_cli.augment import augment
 from vae_cli.console import Reporter
 from vae_cli.data import Dataset, build_dataset
-from vae_cli.errors import UsageError, VaeError
+from vae_cli.errors import Interrupted, UsageError, VaeError
 from vae_cli.evaluate import evaluate
 from vae_cli.models import build_model
 from vae_cli.models.base import Batch
 from vae_cli.recipe import Recipe
+from vae_cli.runlock import RunLock
 from vae_cli.runtime import Runtime, resolve, seed_everything
 
 # Per-epoch numbers in metrics.csv use the first test images only, so a 10,000-image test set does not
 # dominate epoch time; the final evaluation uses the whole split.
 EPOCH_EVAL = 2000
+MAX_SKIPPED_IN_A_ROW = 50
+# Test hook: make the loss NaN at this (1-based) global step, to exercise divergence handling for real.
+INJECT_NAN_ENV = "VAE_INJECT_NAN_STEP"
 
 
 class TrainingDiverged(VaeError):
@@ -74,101 +85,214 @@ def _lr_lambda(total_steps: int):
     return lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def fit(model, data: Dataset, recipe: Recipe, rt: Runtime, reporter: Reporter,
-        on_epoch=None) -> list[dict]:
-    """The main optimisation loop; returns the metrics rows (one per epoch)."""
-    tc = recipe.train
-    x, y = data.train_x.to(rt.device), data.train_y.to(rt.device)
-    labelled = torch.zeros(len(x), dtype=torch.bool, device=rt.device)
-    lab_idx = data.labelled.to(rt.device)
-    labelled[lab_idx] = True
-    lbs = min(tc.labelled_batch_size, len(lab_idx))
+@contextmanager
+def _signals_to_flag(flag: dict):
+    """SIGTERM/SIGINT set flag['signum'] instead of killing the process; the loop checkpoints and stops."""
+    def handler(signum, _frame):
+        flag["signum"] = signum
 
-    def aug(t):
-        return augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip)
-    n, bs = len(x), min(tc.batch_size, len(x))
-    steps_per_epoch = math.ceil(n / bs)
-    total = tc.epochs * steps_per_epoch
-    warmup = tc.kl_warmup_epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total))
-    scaler = rt.grad_scaler()
-    gen = torch.Generator().manual_seed(recipe.seed)
-    rows, step = [], 0
-    # fp16: when the GradScaler skips an overflowing step, torch warns that the scheduler stepped
-    # without the optimizer. That is the scaler working as designed; keep the warning out of logs.
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-    reporter.start(total)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for epoch in range(1, tc.epochs + 1):
-            model.train()
-            t0 = time.perf_counter()
-            perm = torch.randperm(n, generator=gen).to(rt.device)
-            sums: dict[str, float] = {}
-            for i in range(steps_per_epoch):
-                idx = perm[i * bs:(i + 1) * bs]
-                lab = lab_idx[torch.randint(len(lab_idx), (lbs,), generator=gen).to(rt.device)]
-                batch = Batch(aug(x[idx]), y[idx], labelled[idx], aug(x[lab]), y[lab])
-                kl_weight = min(1.0, (step + 1) / warmup) if warmup else 1.0
-                with rt.autocast():
-                    terms = model.loss(batch, kl_weight)
-                loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); "
-                                           f"lower train.lr or set train.grad_clip")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if tc.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-                reporter.step(1, f"loss {loss.item():.2f}")
-            test = evaluate(model, data.test_x[:EPOCH_EVAL], data.test_y[:EPOCH_EVAL], data.classes, rt)
-            row = {"epoch": epoch, "step": step, **{f"train_{k}": round(v / n, 5) for k, v in sums.items()},
-                   "kl_weight": round(kl_weight, 4), "lr": f"{sched.get_last_lr()[0]:.3g}",
-                   "test_elbo": round(test["elbo"], 4), "test_accuracy": round(test["accuracy"], 4),
-                   "seconds": round(time.perf_counter() - t0, 3)}
-            rows.append(row)
-            reporter.log(f"epoch {epoch}/{tc.epochs}  loss {row['train_loss']:.3f}  test elbo "
-                         f"{row['test_elbo']:.3f}  acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s")
-            if on_epoch is not None:
-                on_epoch(rows)
+        yield flag
     finally:
-        reporter.stop()
-    return rows
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _recipe_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            diffs += _recipe_differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            diffs.append(f"{prefix}{k}")
+    return diffs
+
+
+class Loop:
+    """The optimisation loop and its resumable state."""
+
+    def __init__(self, model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, reporter: Reporter):
+        self.model, self.data, self.recipe, self.rt = model, data, recipe, rt
+        self.paths, self.reporter = paths, reporter
+        tc = recipe.train
+        self.x, self.y = data.train_x.to(rt.device), data.train_y.to(rt.device)
+        self.lab_idx = data.labelled.to(rt.device)
+        self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=rt.device)
+        self.labelled[self.lab_idx] = True
+        self.bs = min(tc.batch_size, len(self.x))
+        self.lbs = min(tc.labelled_batch_size, len(self.lab_idx))
+        self.steps_per_epoch = math.ceil(len(self.x) / self.bs)
+        self.total = tc.epochs * self.steps_per_epoch
+        self.warmup = tc.kl_warmup_epochs * self.steps_per_epoch
+        self.opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total))
+        self.scaler = rt.grad_scaler()
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        self.progress = state.Progress()
+        self.perm: torch.Tensor | None = None
+        self.inject_nan = int(os.environ.get(INJECT_NAN_ENV, "0") or 0)
+        self.skipped_in_a_row = 0
+
+    def resume_from(self, path: Path) -> None:
+        tensors, meta = state.load(path)
+        diffs = _recipe_differences(meta["recipe"], self.recipe.to_dict())
+        if diffs:
+            raise UsageError(f"cannot resume '{path.parent}': the recipe differs from the interrupted run's in "
+                             f"{', '.join(diffs)}; resume with the same recipe, or start a new run with --name")
+        self.perm, self.progress = state.restore(tensors, meta, model=self.model, opt=self.opt, sched=self.sched,
+                                                 scaler=self.scaler, gen=self.gen, device=self.rt.device)
+
+    def save_state(self) -> None:
+        state.save(self.paths["state"], model=self.model, opt=self.opt, sched=self.sched, scaler=self.scaler,
+                   gen=self.gen, perm=self.perm, progress=self.progress, recipe=self.recipe.to_dict())
+
+    def _aug(self, t: torch.Tensor) -> torch.Tensor:
+        tc = self.recipe.train
+        return augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip)
+
+    def _step(self, idx: torch.Tensor) -> dict[str, float] | None:
+        """One optimisation step; None when a non-finite batch was skipped."""
+        tc, p = self.recipe.train, self.progress
+        lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(self.rt.device)]
+        batch = Batch(self._aug(self.x[idx]), self.y[idx], self.labelled[idx], self._aug(self.x[lab]), self.y[lab])
+        kl_weight = min(1.0, (p.step + 1) / self.warmup) if self.warmup else 1.0
+        with self.rt.autocast():
+            terms = self.model.loss(batch, kl_weight)
+        loss = terms["loss"]
+        if self.inject_nan == p.step + 1:
+            loss = loss * float("nan")
+        self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            where = f"step {p.step + 1} (epoch {p.epoch})"
+            if not tc.skip_nonfinite:
+                raise TrainingDiverged(f"loss became {loss.item()} at {where}; the last good state is kept in "
+                                       f"{self.paths['state']}: lower train.lr (or set train.skip_nonfinite=true) "
+                                       f"and rerun")
+            self.skipped_in_a_row += 1
+            self.reporter.log(f"warning: skipped a batch with loss {loss.item()} at {where}")
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingDiverged(f"{self.skipped_in_a_row} batches in a row had a non-finite loss up to "
+                                       f"{where}; lower train.lr")
+            return None
+        self.skipped_in_a_row = 0
+        self.scaler.scale(loss).backward()
+        if tc.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return {"kl_weight": kl_weight, **{k: v.item() for k, v in terms.items()}}
+
+    def run(self) -> list[dict]:
+        tc, p = self.recipe.train, self.progress
+        # fp16: when the GradScaler skips an overflowing step, torch warns that the scheduler stepped
+        # without the optimizer. That is the scaler working as designed; keep the warning out of logs.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        flag: dict = {}
+        self.reporter.start(self.total)
+        self.reporter.step(p.step)
+        try:
+            with _signals_to_flag(flag):
+                while p.epoch <= tc.epochs:
+                    self._epoch(flag)
+        finally:
+            self.reporter.stop()
+        return p.rows
+
+    def _stop_if_signalled(self, flag: dict) -> None:
+        if "signum" in flag:
+            self.save_state()
+            name = signal.Signals(flag["signum"]).name
+            raise Interrupted(f"{name} received: stopped at step {self.progress.step}; resumable state in "
+                              f"{self.paths['state']} (continue with --resume)", flag["signum"])
+
+    def _epoch(self, flag: dict) -> None:
+        tc, p, rt = self.recipe.train, self.progress, self.rt
+        if p.step_in_epoch == 0:
+            self.perm = torch.randperm(len(self.x), generator=self.gen).to(rt.device)
+            p.sums, p.epoch_seconds = {}, 0.0
+        t0 = time.perf_counter()
+        for i in range(p.step_in_epoch, self.steps_per_epoch):
+            self._stop_if_signalled(flag)
+            idx = self.perm[i * self.bs:(i + 1) * self.bs]
+            terms = self._step(idx)
+            self.sched.step()
+            p.step += 1
+            p.step_in_epoch = i + 1
+            if terms is not None:
+                for k, v in terms.items():
+                    p.sums[k] = p.sums.get(k, 0.0) + v * len(idx)
+                self.reporter.step(1, f"loss {terms['loss']:.2f}")
+            if tc.checkpoint_every and p.step % tc.checkpoint_every == 0:
+                p.epoch_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save_state()
+        self._stop_if_signalled(flag)
+        p.epoch_seconds += time.perf_counter() - t0
+        test = evaluate(self.model, self.data.test_x[:EPOCH_EVAL], self.data.test_y[:EPOCH_EVAL],
+                        self.data.classes, rt)
+        n = len(self.x)
+        row = {"epoch": p.epoch, "step": p.step,
+               **{f"train_{k}": round(v / n, 5) for k, v in p.sums.items() if k != "kl_weight"},
+               "kl_weight": round(min(1.0, p.step / self.warmup) if self.warmup else 1.0, 4),
+               "lr": f"{self.sched.get_last_lr()[0]:.3g}", "test_elbo": round(test["elbo"], 4),
+               "test_accuracy": round(test["accuracy"], 4), "seconds": round(p.epoch_seconds, 3)}
+        p.rows.append(row)
+        self.reporter.log(f"epoch {p.epoch}/{tc.epochs}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
+                          f"{row['test_elbo']:.3f}  acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s")
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        fsutil.write_text(self.paths["metrics"], _csv_text(p.rows))
+        self.save_state()
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files from a write that a crash interrupted (the real files are untouched by design)."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, exist_ok: bool = False,
-          reporter: Reporter | None = None) -> dict:
+          resume: bool = False, reporter: Reporter | None = None) -> dict:
     """Train per the recipe; writes the run directory and returns the results and paths."""
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
     rt = resolve(recipe.train.device, recipe.train.precision)
-    seed_everything(recipe.seed)
-    data = build_dataset(recipe.data, recipe.seed)
-    model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
-    run_dir = make_run_dir(out, name or recipe.name or "run", exist_ok)
-    paths = {"run_dir": run_dir, "recipe": run_dir / "recipe.yaml", "metrics": run_dir / "metrics.csv",
-             "weights": run_dir / "model.safetensors", "samples": run_dir / "samples.png"}
-    fsutil.write_text(paths["recipe"], yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
-                 f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
-                 f"{rt.device.type}/{rt.precision} -> {run_dir}")
+    run_dir = make_run_dir(out, name or recipe.name or "run", exist_ok or resume)
+    with RunLock(run_dir):
+        _remove_stale_temp_files(run_dir)
+        paths = {"run_dir": run_dir, "recipe": run_dir / "recipe.yaml", "metrics": run_dir / "metrics.csv",
+                 "weights": run_dir / "model.safetensors", "state": run_dir / "last.safetensors",
+                 "samples": run_dir / "samples.png"}
+        seed_everything(recipe.seed)
+        data = build_dataset(recipe.data, recipe.seed)
+        model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
+        loop = Loop(model, data, recipe, rt, paths, reporter)
+        if resume and paths["state"].is_file():
+            loop.resume_from(paths["state"])
+            reporter.log(f"resuming {run_dir} at epoch {loop.progress.epoch}, step {loop.progress.step}")
+        else:
+            if resume:
+                reporter.log(f"nothing to resume in {run_dir}: starting it from the beginning")
+            fsutil.write_text(paths["recipe"], yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
+                     f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
+                     f"{rt.device.type}/{rt.precision} -> {run_dir}")
+        rows = loop.run()
+        return _finish(model, data, recipe, rt, paths, rows, reporter, time.perf_counter() - t_start)
 
-    rows = fit(model, data, recipe, rt, reporter,
-               on_epoch=lambda rows: fsutil.write_text(paths["metrics"], _csv_text(rows)))
+
+def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, rows: list[dict],
+            reporter: Reporter, seconds: float) -> dict:
+    """After the loop: classifier stage, final evaluation, weights and pictures. Seeded on its own, so a
+    resumed run finishes exactly like an uninterrupted one."""
+    torch.manual_seed(recipe.seed + 1)
     lab = data.labelled.to(rt.device)
     head = model.fit_classifier(data.train_x.to(rt.device)[lab], data.train_y.to(rt.device)[lab],
                                 recipe.train.head_steps, 256)
     metrics = evaluate(model, data.test_x, data.test_y, data.classes, rt)
-    train_seconds = time.perf_counter() - t_start
     summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n")}
-    summary["train_seconds"] = round(train_seconds, 2)
+    summary["train_seconds"] = round(seconds, 2)
     checkpoint.save(paths["weights"], model, classes=data.classes, preprocess=preprocess_of(data),
                     metrics=summary, recipe=recipe.to_dict(),
                     extra={"labelled_indices": data.labelled.tolist(), "runtime": {
@@ -178,8 +302,8 @@ def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, 
         with rt.autocast():
             samples = model.sample(recipe.train.num_samples)
     pictures.save_grid(samples, paths["samples"])
-    reporter.log(f"done in {train_seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, "
-                 f"test elbo {metrics['elbo']:.3f}")
-    return {"run_dir": str(run_dir), "paths": {k: str(v) for k, v in paths.items()},
+    reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
+    return {"run_dir": str(paths["run_dir"]), "paths": {k: str(v) for k, v in paths.items()},
             "device": rt.device.type, "precision": rt.precision, "epochs": len(rows),
-            "train_seconds": round(train_seconds, 2), "test": metrics}
+            "train_seconds": round(seconds, 2), "test": metrics}
+
