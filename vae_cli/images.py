@@ -16,7 +16,7 @@ from vae_cli.errors import ImageError, UsageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear line, not a crash
 
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own guard stays on too
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -46,6 +46,8 @@ def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> np.nda
     path = Path(path)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:  # checked from the header, before decoding anything
+                raise Image.DecompressionBombError(path)
             img.seek(0)  # animated GIF/PNG/WebP: the first frame
             img.load()
             img = resize(to_mode(img, channels), size)

@@ -29,6 +29,7 @@ FORMAT = "vae-cli-state/1"
 class Progress:
     epoch: int = 1  # the epoch in progress (1-based)
     step_in_epoch: int = 0  # optimisation steps already done in this epoch
+    order_drawn: bool = False  # this epoch's data order is drawn (and saved as `perm`)
     step: int = 0  # steps done in total
     sums: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums
     rows: list[dict] = field(default_factory=list)  # metrics rows of finished epochs

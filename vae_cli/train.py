@@ -209,9 +209,9 @@ class Loop:
 
     def _epoch(self, flag: dict) -> None:
         tc, p, rt = self.recipe.train, self.progress, self.rt
-        if p.step_in_epoch == 0:
+        if not p.order_drawn:
             self.perm = torch.randperm(len(self.x), generator=self.gen).to(rt.device)
-            p.sums, p.epoch_seconds = {}, 0.0
+            p.sums, p.epoch_seconds, p.order_drawn = {}, 0.0, True
         t0 = time.perf_counter()
         for i in range(p.step_in_epoch, self.steps_per_epoch):
             self._stop_if_signalled(flag)
@@ -241,7 +241,7 @@ class Loop:
         p.rows.append(row)
         self.reporter.log(f"epoch {p.epoch}/{tc.epochs}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
                           f"{row['test_elbo']:.3f}  acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s")
-        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        p.epoch, p.step_in_epoch, p.order_drawn = p.epoch + 1, 0, False
         fsutil.write_text(self.paths["metrics"], _csv_text(p.rows))
         self.save_state()
 
