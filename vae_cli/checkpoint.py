@@ -32,6 +32,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"'{p}' is a folder, not a weights file (give runs/NAME/model.safetensors)")
     if not p.is_file():
         raise CheckpointError(f"weights file '{p}' not found (train one with `vae train RECIPE`)")
     try:

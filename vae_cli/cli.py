@@ -136,8 +136,7 @@ def train(
                                         "the weights already there (exit 3 when they do not)."),
     promote_metric: str = typer.Option("accuracy", "--promote-metric", help="accuracy | elbo (higher wins)."),
 ) -> None:
-    """Train a model from a recipe; writes runs/NAME/ (recipe.yaml, metrics.csv, model.safetensors,
-    last.safetensors, samples.png)."""
+    """Train a model from a recipe into runs/NAME/ (weights, resumable state, metrics, samples)."""
     from vae_cli.promote import METRICS
 
     if promote_metric not in METRICS:
@@ -313,8 +312,7 @@ def classify(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     device: Device = typer.Option(Device.auto, "--device"),
 ) -> None:
-    """Predict the class of each image. Bad images are reported on stderr and skipped; the exit code
-    is then 2 after all other images were classified."""
+    """Predict the class of each image (bad images: reported, skipped, then exit 2)."""
     from vae_cli import checkpoint
     from vae_cli.classify import classify_paths
     from vae_cli.images import expand_paths
@@ -390,7 +388,24 @@ def info(
 
 
 def main() -> None:
-    app()
+    """The console script: like `app()`, but a usage error (bad option, missing argument) is one line
+    on stderr with exit code 2, like every other bad input, instead of click's multi-line box."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # click's exception classes, duck-typed: Typer may vendor its own click
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()
+            sys.exit(0)
+        if type(e).__name__ == "Abort":
+            _err("aborted")
+            sys.exit(EXIT_INTERRUPTED)
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _err(f"error: {e.format_message()}{hint}")
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

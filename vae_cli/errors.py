@@ -18,9 +18,15 @@ EXIT_BROKEN_PIPE = 141  # stdout closed early (`vae ... | head`), as a SIGPIPE d
 
 
 class VaeError(Exception):
-    """Base class: a message meant for the user and the exit code that goes with it."""
+    """Base class: a message meant for the user and the exit code that goes with it.
+
+    The message is kept to one line whatever user text it quotes: control characters (newlines in a
+    bad override, say) are shown escaped."""
 
     exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str = ""):
+        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
 
 
 class UsageError(VaeError):
@@ -38,6 +44,7 @@ class Interrupted(VaeError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum
 
 

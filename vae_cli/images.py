@@ -16,7 +16,7 @@ from vae_cli.errors import ImageError, UsageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear line, not a crash
 
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own guard stays on too
+Image.MAX_IMAGE_PIXELS = 2 * MAX_PIXELS  # Pillow warns above this and refuses above twice it; we refuse first
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
