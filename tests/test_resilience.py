@@ -78,7 +78,7 @@ def _kill_at(proc: subprocess.Popen, point: str, run_dir: Path) -> None:
 def test_sigkill_then_resume_gives_identical_weights(tmp_path, reference, points):
     run_dir = tmp_path / "r"
     for point in points:
-        proc = _start(_cmd(tmp_path, "r", "--resume" if run_dir.exists() else "--exist-ok"))
+        proc = _start(_cmd(tmp_path, "r", "resume=true" if run_dir.exists() else "--exist-ok"))
         _kill_at(proc, point, run_dir)
         assert proc.returncode == -signal.SIGKILL
     res = _run(_cmd(tmp_path, "r", "--resume"))
@@ -162,3 +162,19 @@ def test_promotion_exit_codes_and_atomic_copy(tmp_path):
     assert "kept the old model" in worse.stdout and prod.read_bytes() == before
     bad_metric = _run(_cmd(tmp_path, "x", "--promote", str(prod), "--promote-metric", "loss"))
     assert bad_metric.returncode == 2 and "--promote-metric must be one of" in bad_metric.stderr
+
+
+def test_full_disk_is_one_line_and_keeps_files(tmp_path, runner, monkeypatch):
+    import errno
+
+    from vae_cli import checkpoint
+    from vae_cli.cli import app
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "tiny" / "model.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    res = runner.invoke(app, ["train", str(TINY), "--out", str(tmp_path), "--device", "cpu", "epochs=1"])
+    assert res.exit_code == 1 and "no space left on the device while writing" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (tmp_path / "tiny" / "last.safetensors").is_file()  # the resumable state survived

@@ -6,6 +6,7 @@ Results go to stdout (a table, CSV or one JSON object); logs and progress go to 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -75,6 +76,12 @@ def guarded(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC or _state["debug"]:
+                raise
+            _err(f"error: no space left on the device while writing {e.filename or 'a file'}; free some space "
+                 f"and rerun (training continues with --resume; finished files were not touched)")
+            raise typer.Exit(EXIT_RUNTIME) from None
         except MemoryError:
             _err("error: out of memory; lower train.batch_size or use a smaller model")
             raise typer.Exit(EXIT_RUNTIME) from None
@@ -143,10 +150,11 @@ def train(
         raise UsageError(f"--promote-metric must be one of {', '.join(METRICS)}, got '{promote_metric}'")
     from vae_cli import recipe as recipe_mod
 
+    overrides, resume = _pop_resume(list(overrides or []), resume)
     extra = [f"train.device={device.value}"] if device else []
     extra += [f"train.precision={precision.value}"] if precision else []
     extra += [f"seed={seed}"] if seed is not None else []
-    r = recipe_mod.load(recipe, list(overrides or []) + extra)
+    r = recipe_mod.load(recipe, overrides + extra)
 
     from vae_cli.console import Reporter
     from vae_cli.train import train as run_training
@@ -159,6 +167,23 @@ def train(
         _print_train(result, decision)
     if decision is not None and not decision["promoted"]:
         raise typer.Exit(EXIT_NOT_PROMOTED)
+
+
+def _pop_resume(overrides: list[str], resume: bool) -> tuple[list[str], bool]:
+    """`resume=true` among the overrides means --resume (handy in Makefiles that pass key=value lists)."""
+    import yaml
+
+    rest = []
+    for item in overrides:
+        k, sep, v = item.partition("=")
+        if sep and k.strip() == "resume":
+            value = yaml.safe_load(v) if v.strip() else None
+            if not isinstance(value, bool):
+                raise UsageError(f"resume must be true or false, got '{v}'")
+            resume = resume or value
+        else:
+            rest.append(item)
+    return rest, resume
 
 
 def _promote(result: dict, r, target: Path, metric: str) -> dict:
