@@ -160,6 +160,8 @@ def train(
     from vae_cli.train import train as run_training
 
     result = run_training(r, out=out, name=name, exist_ok=exist_ok, resume=resume, reporter=Reporter(quiet=quiet))
+    if result.get("rank", 0) != 0:  # under torchrun, rank 0 alone reports and promotes
+        return
     decision = _promote(result, r, promote, promote_metric) if promote is not None else None
     if as_json:
         _print_json({**result, "promotion": decision})

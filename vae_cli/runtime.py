@@ -37,14 +37,14 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve(device: str = "auto", precision: str = "auto") -> Runtime:
+def resolve(device: str = "auto", precision: str = "auto", local_rank: int = 0) -> Runtime:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
-    dev = torch.device(device)
+    dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

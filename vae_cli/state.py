@@ -4,6 +4,7 @@ One file, written atomically, so the weights and the optimizer can never be from
   tensors   model.<name>            model state dict
             optim.<i>.<key>         AdamW per-parameter state (exp_avg, exp_avg_sq, step)
             rng.torch, rng.data     global torch RNG (dropout, noise, augmentation) and data-order generator
+            rng.torch.<rank>        each process's global RNG, under torchrun
             rng.cuda                CUDA RNG state of the current device, when training on a GPU
             perm                    the current epoch's shuffled order
   metadata  format, recipe, optim (param groups and non-tensor state), sched, scaler, progress (epoch,
@@ -59,7 +60,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save(path: str | Path, *, model, opt, sched, scaler, gen: torch.Generator, perm: torch.Tensor,
-         progress: Progress, recipe: dict) -> None:
+         progress: Progress, recipe: dict, rank_rng: list[torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     from vae_cli.fsutil import write_with
@@ -68,6 +69,8 @@ def save(path: str | Path, *, model, opt, sched, scaler, gen: torch.Generator, p
     opt_tensors, opt_meta = _split_optimizer(opt)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    for r, t in enumerate(rank_rng or []):  # under torchrun: every rank's own noise stream
+        tensors[f"rng.torch.{r}"] = t
     tensors["rng.data"] = gen.get_state()
     tensors["perm"] = perm.detach().cpu().contiguous()
     if perm.device.type == "cuda":
@@ -97,14 +100,14 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore(tensors: dict[str, torch.Tensor], meta: dict, *, model, opt, sched, scaler,
-            gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, Progress]:
+            gen: torch.Generator, device: torch.device, rank: int = 0) -> tuple[torch.Tensor, Progress]:
     """Load everything back into live objects; returns (the epoch's order, progress)."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     opt.load_state_dict(_join_optimizer(tensors, meta["optim"]))
     sched.load_state_dict(meta["sched"])
     if meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]))
     gen.set_state(tensors["rng.data"])
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)

@@ -16,16 +16,17 @@ import os
 import signal
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import yaml
 
-from vae_cli import checkpoint, fsutil, pictures, state
+from vae_cli import checkpoint, distributed, fsutil, pictures, state
 from vae_cli.augment import augment
 from vae_cli.console import Reporter
 from vae_cli.data import Dataset, build_dataset
+from vae_cli.distributed import Dist
 from vae_cli.errors import Interrupted, UsageError, VaeError
 from vae_cli.evaluate import evaluate
 from vae_cli.models import build_model
@@ -112,10 +113,20 @@ def _recipe_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 class Loop:
     """The optimisation loop and its resumable state."""
 
-    def __init__(self, model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, reporter: Reporter):
+    def __init__(self, model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, reporter: Reporter,
+                 d: Dist | None = None):
         self.model, self.data, self.recipe, self.rt = model, data, recipe, rt
-        self.paths, self.reporter = paths, reporter
+        self.paths, self.reporter, self.d = paths, reporter, d or Dist()
         tc = recipe.train
+        if tc.batch_size < self.d.world:
+            raise UsageError(f"train.batch_size={tc.batch_size} is the global batch and must be at least the "
+                             f"number of processes ({self.d.world})")
+        # A 1-channel first conv makes grads whose strides differ from DDP's bucket view: harmless, noisy.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # DDP needs find_unused_parameters: the plain VAE's latent classifier is trained after the loop.
+        self.net = (torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=True) if self.d.enabled else model)
         self.x, self.y = data.train_x.to(rt.device), data.train_y.to(rt.device)
         self.lab_idx = data.labelled.to(rt.device)
         self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=rt.device)
@@ -141,11 +152,16 @@ class Loop:
             raise UsageError(f"cannot resume '{path.parent}': the recipe differs from the interrupted run's in "
                              f"{', '.join(diffs)}; resume with the same recipe, or start a new run with --name")
         self.perm, self.progress = state.restore(tensors, meta, model=self.model, opt=self.opt, sched=self.sched,
-                                                 scaler=self.scaler, gen=self.gen, device=self.rt.device)
+                                                 scaler=self.scaler, gen=self.gen, device=self.rt.device,
+                                                 rank=self.d.rank)
 
     def save_state(self) -> None:
-        state.save(self.paths["state"], model=self.model, opt=self.opt, sched=self.sched, scaler=self.scaler,
-                   gen=self.gen, perm=self.perm, progress=self.progress, recipe=self.recipe.to_dict())
+        # every rank's own noise stream travels with the state (gathered: a collective, so all ranks call it)
+        rng = [t.cpu() for t in self.d.gather(torch.get_rng_state().to(self.rt.device))]
+        if self.d.is_main:
+            state.save(self.paths["state"], model=self.model, opt=self.opt, sched=self.sched, scaler=self.scaler,
+                       gen=self.gen, perm=self.perm, progress=self.progress, recipe=self.recipe.to_dict(),
+                       rank_rng=rng if self.d.enabled else None)
 
     def _aug(self, t: torch.Tensor) -> torch.Tensor:
         tc = self.recipe.train
@@ -155,15 +171,20 @@ class Loop:
         """One optimisation step; None when a non-finite batch was skipped."""
         tc, p = self.recipe.train, self.progress
         lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(self.rt.device)]
+        idx, lab = self.d.shard(idx), self.d.shard(lab)
         batch = Batch(self._aug(self.x[idx]), self.y[idx], self.labelled[idx], self._aug(self.x[lab]), self.y[lab])
         kl_weight = min(1.0, (p.step + 1) / self.warmup) if self.warmup else 1.0
         with self.rt.autocast():
-            terms = self.model.loss(batch, kl_weight)
+            terms = self.net(batch, kl_weight)
         loss = terms["loss"]
         if self.inject_nan == p.step + 1:
             loss = loss * float("nan")
         self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        bad = self.d.sum_(torch.tensor([float(not torch.isfinite(loss))], device=self.rt.device)).item() > 0
+        if bad and self.d.enabled:  # DDP expects a backward after every forward; its grads are dropped
+            torch.nan_to_num(loss, 0.0, 0.0, 0.0).mul(0).backward()
+            self.opt.zero_grad(set_to_none=True)
+        if bad:
             where = f"step {p.step + 1} (epoch {p.epoch})"
             if not tc.skip_nonfinite:
                 raise TrainingDiverged(f"loss became {loss.item()} at {where}; the last good state is kept in "
@@ -201,7 +222,11 @@ class Loop:
         return p.rows
 
     def _stop_if_signalled(self, flag: dict) -> None:
-        if "signum" in flag:
+        signum = flag.get("signum", 0)
+        if self.d.enabled:  # every rank stops at the same step, or the next collective would hang
+            signum = int(self.d.max_(torch.tensor([signum], device=self.rt.device)).item())
+        if signum:
+            flag["signum"] = signum
             self.save_state()
             name = signal.Signals(flag["signum"]).name
             raise Interrupted(f"{name} received: stopped at step {self.progress.step}; resumable state in "
@@ -233,8 +258,10 @@ class Loop:
         test = evaluate(self.model, self.data.test_x[:EPOCH_EVAL], self.data.test_y[:EPOCH_EVAL],
                         self.data.classes, rt)
         n = len(self.x)
+        keys = sorted(k for k in p.sums if k != "kl_weight")
+        totals = self.d.sum_(torch.tensor([p.sums[k] for k in keys], dtype=torch.float64, device=rt.device)).tolist()
         row = {"epoch": p.epoch, "step": p.step,
-               **{f"train_{k}": round(v / n, 5) for k, v in p.sums.items() if k != "kl_weight"},
+               **{f"train_{k}": round(v / n, 5) for k, v in zip(keys, totals)},
                "kl_weight": round(min(1.0, p.step / self.warmup) if self.warmup else 1.0, 4),
                "lr": f"{self.sched.get_last_lr()[0]:.3g}", "test_elbo": round(test["elbo"], 4),
                "test_accuracy": round(test["accuracy"], 4), "seconds": round(p.epoch_seconds, 3)}
@@ -242,7 +269,8 @@ class Loop:
         self.reporter.log(f"epoch {p.epoch}/{tc.epochs}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
                           f"{row['test_elbo']:.3f}  acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s")
         p.epoch, p.step_in_epoch, p.order_drawn = p.epoch + 1, 0, False
-        fsutil.write_text(self.paths["metrics"], _csv_text(p.rows))
+        if self.d.is_main:
+            fsutil.write_text(self.paths["metrics"], _csv_text(p.rows))
         self.save_state()
 
 
@@ -254,56 +282,79 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
 
 def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, exist_ok: bool = False,
           resume: bool = False, reporter: Reporter | None = None) -> dict:
-    """Train per the recipe; writes the run directory and returns the results and paths."""
-    reporter = reporter or Reporter()
+    """Train per the recipe; writes the run directory and returns the results and paths. Under torchrun
+    every rank runs this; rank 0 alone chooses the run folder, holds its lock and writes files."""
+    d = distributed.setup(recipe.train.device)
+    try:
+        reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
+        rt = resolve(recipe.train.device, recipe.train.precision, d.local_rank)
+        run_dir = make_run_dir(out, name or recipe.name or "run", exist_ok or resume) if d.is_main else None
+        run_dir = d.share_path(run_dir, rt.device)
+        with RunLock(run_dir) if d.is_main else nullcontext():
+            return _train_in(run_dir, recipe, resume, reporter, rt, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train_in(run_dir: Path, recipe: Recipe, resume: bool, reporter: Reporter, rt: Runtime, d: Dist) -> dict:
     t_start = time.perf_counter()
-    rt = resolve(recipe.train.device, recipe.train.precision)
-    run_dir = make_run_dir(out, name or recipe.name or "run", exist_ok or resume)
-    with RunLock(run_dir):
+    if d.is_main:
         _remove_stale_temp_files(run_dir)
-        paths = {"run_dir": run_dir, "recipe": run_dir / "recipe.yaml", "metrics": run_dir / "metrics.csv",
-                 "weights": run_dir / "model.safetensors", "state": run_dir / "last.safetensors",
-                 "samples": run_dir / "samples.png"}
-        seed_everything(recipe.seed)
-        data = build_dataset(recipe.data, recipe.seed)
-        model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
-        loop = Loop(model, data, recipe, rt, paths, reporter)
-        if resume and paths["state"].is_file():
-            loop.resume_from(paths["state"])
-            reporter.log(f"resuming {run_dir} at epoch {loop.progress.epoch}, step {loop.progress.step}")
-        else:
-            if resume:
-                reporter.log(f"nothing to resume in {run_dir}: starting it from the beginning")
+    paths = {"run_dir": run_dir, "recipe": run_dir / "recipe.yaml", "metrics": run_dir / "metrics.csv",
+             "weights": run_dir / "model.safetensors", "state": run_dir / "last.safetensors",
+             "samples": run_dir / "samples.png"}
+    seed_everything(recipe.seed)
+    data = build_dataset(recipe.data, recipe.seed)
+    model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
+    if d.enabled:
+        torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
+    loop = Loop(model, data, recipe, rt, paths, reporter, d)
+    d.barrier()  # rank 0 has cleaned the folder before anyone reads the state file
+    if resume and paths["state"].is_file():
+        loop.resume_from(paths["state"])
+        reporter.log(f"resuming {run_dir} at epoch {loop.progress.epoch}, step {loop.progress.step}")
+    else:
+        if resume:
+            reporter.log(f"nothing to resume in {run_dir}: starting it from the beginning")
+        if d.is_main:
             fsutil.write_text(paths["recipe"], yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
-                     f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
-                     f"{rt.device.type}/{rt.precision} -> {run_dir}")
-        rows = loop.run()
-        return _finish(model, data, recipe, rt, paths, rows, reporter, time.perf_counter() - t_start)
+    procs = f", {d.world} processes" if d.enabled else ""
+    reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
+                 f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
+                 f"{rt.device.type}/{rt.precision}{procs} -> {run_dir}")
+    rows = loop.run()
+    return _finish(model, data, recipe, rt, paths, rows, reporter, time.perf_counter() - t_start, d)
 
 
 def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, rows: list[dict],
-            reporter: Reporter, seconds: float) -> dict:
+            reporter: Reporter, seconds: float, d: Dist) -> dict:
     """After the loop: classifier stage, final evaluation, weights and pictures. Seeded on its own, so a
-    resumed run finishes exactly like an uninterrupted one."""
+    resumed run finishes exactly like an uninterrupted one (and every rank computes the same)."""
     torch.manual_seed(recipe.seed + 1)
     lab = data.labelled.to(rt.device)
     head = model.fit_classifier(data.train_x.to(rt.device)[lab], data.train_y.to(rt.device)[lab],
                                 recipe.train.head_steps, 256)
+    checksums = [int(c) for c in d.gather(torch.tensor([distributed.checksum(model)], device=rt.device))]
+    if len(set(checksums)) > 1:
+        raise VaeError(f"the {d.world} processes ended with different weights (checksums {checksums}); "
+                       f"this is a bug, please report it with the recipe")
     metrics = evaluate(model, data.test_x, data.test_y, data.classes, rt)
     summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n")}
     summary["train_seconds"] = round(seconds, 2)
+    result = {"run_dir": str(paths["run_dir"]), "paths": {k: str(v) for k, v in paths.items()},
+              "device": rt.device.type, "precision": rt.precision, "epochs": len(rows), "processes": d.world,
+              "rank": d.rank,
+              "rank_checksums": checksums, "train_seconds": round(seconds, 2), "test": metrics}
+    if not d.is_main:
+        return result
     checkpoint.save(paths["weights"], model, classes=data.classes, preprocess=preprocess_of(data),
                     metrics=summary, recipe=recipe.to_dict(),
                     extra={"labelled_indices": data.labelled.tolist(), "runtime": {
-                        "device": rt.device.type, "precision": rt.precision}, "head": head})
+                        "device": rt.device.type, "precision": rt.precision, "processes": d.world}, "head": head})
     with torch.no_grad():
         torch.manual_seed(recipe.seed)
         with rt.autocast():
             samples = model.sample(recipe.train.num_samples)
     pictures.save_grid(samples, paths["samples"])
     reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
-    return {"run_dir": str(paths["run_dir"]), "paths": {k: str(v) for k, v in paths.items()},
-            "device": rt.device.type, "precision": rt.precision, "epochs": len(rows),
-            "train_seconds": round(seconds, 2), "test": metrics}
-
+    return result

@@ -35,6 +35,10 @@ class Model(nn.Module):
         """Batch-mean loss terms; `loss` is minimised."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch, kl_weight: float) -> dict[str, Tensor]:
+        """The training loss, as `forward` so DistributedDataParallel can wrap the model."""
+        return self.loss(batch, kl_weight)
+
     def fit_classifier(self, x: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:
         """A stage after the main loop that fits the classifier on labelled data (default: none)."""
         return {}
