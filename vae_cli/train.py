@@ -41,6 +41,8 @@ EPOCH_EVAL = 2000
 MAX_SKIPPED_IN_A_ROW = 50
 # Test hook: make the loss NaN at this (1-based) global step, to exercise divergence handling for real.
 INJECT_NAN_ENV = "VAE_INJECT_NAN_STEP"
+# Test hook: a cheaper torch.compile backend (e.g. aot_eager) for tests of the compile plumbing.
+COMPILE_BACKEND_ENV = "VAE_COMPILE_BACKEND"
 
 
 class TrainingDiverged(VaeError):
@@ -127,6 +129,8 @@ class Loop:
         self.net = (torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             find_unused_parameters=True) if self.d.enabled else model)
+        if tc.compile:  # weights are still saved from `model`, so files load into an uncompiled model
+            self.net = torch.compile(self.net, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
         self.x, self.y = data.train_x.to(rt.device), data.train_y.to(rt.device)
         self.lab_idx = data.labelled.to(rt.device)
         self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=rt.device)
@@ -175,7 +179,8 @@ class Loop:
         batch = Batch(self._aug(self.x[idx]), self.y[idx], self.labelled[idx], self._aug(self.x[lab]), self.y[lab])
         kl_weight = min(1.0, (p.step + 1) / self.warmup) if self.warmup else 1.0
         with self.rt.autocast():
-            terms = self.net(batch, kl_weight)
+            # a tensor, not a float: torch.compile would recompile for every warm-up value
+            terms = self.net(batch, torch.tensor(kl_weight, device=self.rt.device))
         loss = terms["loss"]
         if self.inject_nan == p.step + 1:
             loss = loss * float("nan")
