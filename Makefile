@@ -6,7 +6,7 @@ VAE    := $(VENV)/bin/vae
 STAMP  := $(VENV)/.installed
 RUN    := runs/digits
 
-.PHONY: install test demo lint clean bench-accuracy
+.PHONY: install test demo lint clean bench-accuracy bench-speed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,12 @@ clean:
 # Few-label accuracy on full MNIST from ../shared/data/mnist (3 seeds x 100 labels, then all labels).
 bench-accuracy: $(STAMP)
 	$(PY) scripts/bench_accuracy.py
+
+# Training/classify speed on full MNIST, side by side with pythae 0.1.2 in its own venv (bench-venv).
+bench-venv/.installed:
+	test -x bench-venv/bin/python || $(PYTHON) -m venv bench-venv
+	bench-venv/bin/python -m pip install -q 'torch>=2.4' 'torchvision>=0.19' pythae==0.1.2
+	touch $@
+
+bench-speed: $(STAMP) bench-venv/.installed
+	$(PY) scripts/bench_speed.py --pythae-python bench-venv/bin/python
