@@ -92,7 +92,7 @@ def main() -> None:
     # 2. the same plain VAE network in vae and in pythae
     same = ["model.name=vae", "model.backbone=small", "model.decoder=small", "model.latent_dim=16",
             "model.width=32", "model.hidden=256", "model.likelihood=bernoulli", "train.batch_size=64",
-            "train.lr=0.001", "train.head_steps=0"]
+            "train.lr=0.001", "train.head_steps=0", "train.augment_shift=0", "train.kl_warmup_epochs=0"]
     ours = [train_speed("recipes/mnist.yaml", args.out, data_root, args.images, f"vae-{p}", ["--precision", p, *same])
             for p in ("fp32", "bf16")]
     report["same_network_vae"] = ours

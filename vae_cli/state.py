@@ -104,6 +104,13 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict, *, model, opt, sched, 
     """Load everything back into live objects; returns (the epoch's order, progress)."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     opt.load_state_dict(_join_optimizer(tensors, meta["optim"]))
+    # safetensors stores contiguous (NCHW) tensors; give each moment its parameter's layout again (channels-
+    # last conv weights), because fused optimizer kernels walk param, grad and moments as flat memory.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     sched.load_state_dict(meta["sched"])
     if meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])

@@ -140,7 +140,10 @@ class Loop:
         self.steps_per_epoch = math.ceil(len(self.x) / self.bs)
         self.total = tc.epochs * self.steps_per_epoch
         self.warmup = tc.kl_warmup_epochs * self.steps_per_epoch
-        self.opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.channels_last = tc.channels_last and self.x.ndim == 4
+        if self.channels_last:  # oneDNN/cuDNN convolutions run faster on NHWC; the weights file is unaffected
+            model.to(memory_format=torch.channels_last)
+        self.opt = _adamw(model, tc)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total))
         self.scaler = rt.grad_scaler()
         self.gen = torch.Generator().manual_seed(recipe.seed)
@@ -169,14 +172,20 @@ class Loop:
 
     def _aug(self, t: torch.Tensor) -> torch.Tensor:
         tc = self.recipe.train
-        return augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip)
+        t = augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip)
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def _step(self, idx: torch.Tensor) -> dict[str, float] | None:
         """One optimisation step; None when a non-finite batch was skipped."""
         tc, p = self.recipe.train, self.progress
-        lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(self.rt.device)]
-        idx, lab = self.d.shard(idx), self.d.shard(lab)
-        batch = Batch(self._aug(self.x[idx]), self.y[idx], self.labelled[idx], self._aug(self.x[lab]), self.y[lab])
+        idx = self.d.shard(idx)
+        if self.model.needs_labelled_batch:
+            lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(self.rt.device)]
+            lab = self.d.shard(lab)
+            x_lab, y_lab = self._aug(self.x[lab]), self.y[lab]
+        else:
+            x_lab, y_lab = self.x[:0], self.y[:0]
+        batch = Batch(self._aug(self.x[idx]), self.y[idx], self.labelled[idx], x_lab, y_lab)
         kl_weight = min(1.0, (p.step + 1) / self.warmup) if self.warmup else 1.0
         with self.rt.autocast():
             # a tensor, not a float: torch.compile would recompile for every warm-up value
@@ -277,6 +286,17 @@ class Loop:
         if self.d.is_main:
             fsutil.write_text(self.paths["metrics"], _csv_text(p.rows))
         self.save_state()
+
+
+def _adamw(model, tc) -> torch.optim.Optimizer:
+    """AdamW, with the fused kernel when asked for and this torch/device has one (same maths, fewer passes)."""
+    params = list(model.parameters())
+    if tc.fused_optimizer:
+        try:
+            return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch version
+            pass
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def _remove_stale_temp_files(run_dir: Path) -> None:

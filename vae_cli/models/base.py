@@ -23,6 +23,8 @@ class Batch:
 
 class Model(nn.Module):
     registry_name = "?"
+    # Whether loss() reads batch.x_lab/y_lab; the loop skips drawing (and augmenting) them otherwise.
+    needs_labelled_batch = True
 
     def __init__(self, cfg, image_shape: tuple[int, int, int], num_classes: int):
         super().__init__()

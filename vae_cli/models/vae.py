@@ -25,6 +25,8 @@ from vae_cli.nets import fp32, make_decoder, make_encoder, mlp
 class VAE(Model):
     """Convolutional Gaussian-latent VAE (Kingma & Welling 2014) with an M1 latent classifier."""
 
+    needs_labelled_batch = False  # unsupervised; labels are used after the loop, by fit_classifier
+
     def __init__(self, cfg, image_shape, num_classes):
         super().__init__(cfg, image_shape, num_classes)
         k = cfg.latent_dim
