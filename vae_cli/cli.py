@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 import typer
 
 from vae_cli import __version__
+from vae_cli import output as show
 from vae_cli.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_NOT_PROMOTED, EXIT_RUNTIME, UsageError, VaeError
 
 app = typer.Typer(
@@ -94,22 +94,6 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
-def _table(title: str | None, rows: list[tuple[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    for k, v in rows:
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console(soft_wrap=True).print(t)
-
-
 def _version(value: bool) -> None:
     if value:
         print(f"vae {__version__}")
@@ -164,9 +148,9 @@ def train(
         return
     decision = _promote(result, r, promote, promote_metric) if promote is not None else None
     if as_json:
-        _print_json({**result, "promotion": decision})
+        show.print_json({**result, "promotion": decision})
     else:
-        _print_train(result, decision)
+        show.print_train(result, decision)
     if decision is not None and not decision["promoted"]:
         raise typer.Exit(EXIT_NOT_PROMOTED)
 
@@ -195,20 +179,6 @@ def _promote(result: dict, r, target: Path, metric: str) -> dict:
 
     data = build_dataset(r.data, r.seed)
     return promote(Path(result["paths"]["weights"]), target, metric, data, resolve(r.train.device, "auto"))
-
-
-def _print_train(result: dict, decision: dict | None) -> None:
-    t = result["test"]
-    _table(None, [("run", result["run_dir"]), ("weights", result["paths"]["weights"]),
-                  ("samples", result["paths"]["samples"]), ("metrics", result["paths"]["metrics"]),
-                  ("device", f"{result['device']}/{result['precision']}"),
-                  ("train seconds", result["train_seconds"]), ("test accuracy", t["accuracy"]),
-                  ("test ELBO (nats/image)", t["elbo"])])
-    if decision is not None:
-        old = "none" if decision["old"] is None else f"{decision['old']:.4f}"
-        verdict = "promoted" if decision["promoted"] else "kept the old model"
-        print(f"promotion: {verdict} at {decision['target']} ({decision['metric']}: new {decision['new']:.4f}, "
-              f"old {old})")
 
 
 def _runtime(device: Device):
@@ -242,23 +212,13 @@ def eval_(
                          f"but the model expects {tuple(meta['image_shape'])} and {len(meta['classes'])}")
     res = {"weights": str(weights), "split": split, **evaluate(model, x, y, meta["classes"], rt)}
     if as_json:
-        _print_json(res)
+        show.print_json(res)
         return
-    _table(f"{weights} ({split} split, {res['n']} images)",
+    show.table(f"{weights} ({split} split, {res['n']} images)",
            [("accuracy", res["accuracy"]), ("ELBO (nats/image)", res["elbo"]),
             ("reconstruction -log p(x|z)", res["recon"]), ("KL(q(z|x) || p(z))", res["kl"])]
            + [(f"accuracy[{c}]", a) for c, a in res["per_class_accuracy"].items()])
-    _print_confusion(meta["classes"], res["confusion_matrix"])
-
-
-def _print_confusion(classes: list[str], cm: list[list[int]]) -> None:
-    """Rows are true classes, columns predictions; columns are numbered so long names stay readable."""
-    label = max(len(f"{i} {c}") for i, c in enumerate(classes)) + 2
-    cell = max(4, len(str(len(classes) - 1)) + 1, max(len(str(v)) for row in cm for v in row) + 1)
-    print("\nconfusion matrix (rows: true class, columns: predicted class index)")
-    print("".ljust(label) + "".join(str(i).rjust(cell) for i in range(len(classes))))
-    for i, (c, row) in enumerate(zip(classes, cm)):
-        print(f"{i} {c}".ljust(label) + "".join(str(v).rjust(cell) for v in row))
+    show.print_confusion(meta["classes"], res["confusion_matrix"])
 
 
 def _class_index(meta: dict, cls: str) -> int:
@@ -310,7 +270,7 @@ def sample(
     if each is not None:
         written += [str(p) for p in pictures.save_each(pics, each)]
     if as_json:
-        _print_json({"weights": str(weights), "written": written, "n": len(pics)})
+        show.print_json({"weights": str(weights), "written": written, "n": len(pics)})
     else:
         print(written[0] + (f" (+{len(written) - 1} files in {each})" if each else ""))
 
@@ -350,30 +310,10 @@ def classify(
     rows, failures = classify_paths(model, meta, files, rt, top_k=top_k, batch_size=batch_size)
     for f in failures:
         _err(f"error: {f}")
-    _print_rows(rows, fmt, top_k)
+    show.print_rows(rows, fmt.value, top_k)
     if failures:
         _err(f"{len(failures)} of {len(files)} images could not be classified")
         raise typer.Exit(UsageError.exit_code)
-
-
-def _print_rows(rows: list[dict], fmt: Format, top_k: int) -> None:
-    if fmt is Format.json:
-        _print_json(rows)
-        return
-    if fmt is Format.csv:
-        import csv
-
-        w = csv.writer(sys.stdout)
-        header = ["path"]
-        for i in range(1, top_k + 1):
-            header += [f"class_{i}", f"prob_{i}"] if top_k > 1 else ["class", "prob"]
-        w.writerow(header)
-        for r in rows:
-            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["class"], f"{p['prob']:.6f}")])
-        return
-    for r in rows:
-        preds = "  ".join(f"{p['class']} {p['prob']:.4f}" for p in r["top"])
-        print(f"{r['path']}\t{preds}")
 
 
 @app.command()
@@ -403,7 +343,7 @@ def info(
     meta = read_metadata(weights)
     meta["labelled_count"] = len(meta.pop("labelled_indices", []))
     if as_json:
-        _print_json(meta)
+        show.print_json(meta)
         return
     r = meta["recipe"]
     rows = [("file", str(weights)), ("model", meta["model"]), ("dataset", r["data"]["name"]),
@@ -411,7 +351,7 @@ def info(
             ("latent dim", r["model"]["latent_dim"]), ("likelihood", r["model"]["likelihood"]),
             ("labelled images", meta["labelled_count"]), ("version", meta["version"]), ("created", meta["created"])]
     rows += [(f"metric {k}", v) for k, v in meta.get("metrics", {}).items()]
-    _table(None, rows)
+    show.table(None, rows)
 
 
 def main() -> None:
