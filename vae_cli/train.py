@@ -123,14 +123,6 @@ class Loop:
         if tc.batch_size < self.d.world:
             raise UsageError(f"train.batch_size={tc.batch_size} is the global batch and must be at least the "
                              f"number of processes ({self.d.world})")
-        # A 1-channel first conv makes grads whose strides differ from DDP's bucket view: harmless, noisy.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        # DDP needs find_unused_parameters: the plain VAE's latent classifier is trained after the loop.
-        self.net = (torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            find_unused_parameters=True) if self.d.enabled else model)
-        if tc.compile:  # weights are still saved from `model`, so files load into an uncompiled model
-            self.net = torch.compile(self.net, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
         self.x, self.y = data.train_x.to(rt.device), data.train_y.to(rt.device)
         self.lab_idx = data.labelled.to(rt.device)
         self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=rt.device)
@@ -143,6 +135,15 @@ class Loop:
         self.channels_last = tc.channels_last and self.x.ndim == 4
         if self.channels_last:  # oneDNN/cuDNN convolutions run faster on NHWC; the weights file is unaffected
             model.to(memory_format=torch.channels_last)
+        # (after the layout change: DDP sizes its gradient buckets from the parameters as they are now)
+        # A 1-channel first conv makes grads whose strides differ from DDP's bucket view: harmless, noisy.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # DDP needs find_unused_parameters: the plain VAE's latent classifier is trained after the loop.
+        self.net = (torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=True) if self.d.enabled else model)
+        if tc.compile:  # weights are still saved from `model`, so files load into an uncompiled model
+            self.net = torch.compile(self.net, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
         self.opt = _adamw(model, tc)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total))
         self.scaler = rt.grad_scaler()
