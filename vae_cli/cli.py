@@ -178,7 +178,8 @@ def _promote(result: dict, r, target: Path, metric: str) -> dict:
     from vae_cli.runtime import resolve
 
     data = build_dataset(r.data, r.seed)
-    return promote(Path(result["paths"]["weights"]), target, metric, data, resolve(r.train.device, "auto"))
+    return promote(Path(result["paths"]["weights"]), target, metric, data, resolve(r.train.device, r.train.precision),
+                   new_score=result["test"][metric])
 
 
 def _runtime(device: Device):

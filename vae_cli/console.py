@@ -4,7 +4,6 @@ stays readable). Results go to stdout from the CLI, never from here."""
 from __future__ import annotations
 
 import sys
-import time
 
 
 class Reporter:
@@ -14,7 +13,6 @@ class Reporter:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._progress = None
         self._task = None
-        self._t0 = time.perf_counter()
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -24,7 +22,6 @@ class Reporter:
                 print(msg, file=self.stream, flush=True)
 
     def start(self, total_steps: int, description: str = "train") -> None:
-        self._t0 = time.perf_counter()
         if self.quiet or not self.tty:
             return
         from rich.console import Console
@@ -44,6 +41,3 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._t0

@@ -29,18 +29,19 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime,
              batch_size: int = 512, seed: int = 0) -> dict:
     """All numbers for one split; the ELBO's single z draw is seeded so reruns agree."""
     model.eval()
-    recon, kl = [], []
+    recon, kl, probs = [], [], []
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for xb in x.split(batch_size):
+        for xb in x.split(batch_size):  # one pass: each batch moves to the device once
+            xb = xb.to(runtime.device, non_blocking=True)
             with runtime.autocast():
-                parts = model.elbo_parts(xb.to(runtime.device, non_blocking=True))
+                parts = model.elbo_parts(xb)
+                probs.append(model.predict_proba(xb).float().cpu())
             recon.append(parts["recon"].float().cpu())
             kl.append(parts["kl"].float().cpu())
     recon_t, kl_t = torch.cat(recon), torch.cat(kl)
-    probs = predict(model, x, runtime, batch_size)
-    pred = probs.argmax(1)
+    pred = torch.cat(probs).argmax(1) if probs else torch.empty(0, dtype=torch.long)
     k = len(classes)
     cm = confusion_matrix(y.cpu(), pred, k)
     per_class = (cm.diag().float() / cm.sum(1).clamp_min(1).float()).tolist()

@@ -15,10 +15,10 @@ from vae_cli.runtime import Runtime
 METRICS = ("accuracy", "elbo")  # both: higher is better
 
 
-def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Runtime) -> dict:
-    """Returns {"promoted": bool, "metric", "new", "old", "target"}; copies atomically when promoted."""
-    new_model, new_meta = checkpoint.load(new_weights, rt.device)
-    new_score = evaluate(new_model, data.test_x, data.test_y, data.classes, rt)[metric]
+def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Runtime, new_score: float) -> dict:
+    """Returns {"promoted": bool, "metric", "new", "old", "target"}; copies atomically when promoted.
+    `new_score` is the new model's score on `data`'s test split, as training just measured it."""
+    new_meta = checkpoint.read_metadata(new_weights)
     old_score = None
     if target.exists():
         old_model, old_meta = checkpoint.load(target, rt.device)
