@@ -27,3 +27,16 @@ def tiny_run(tmp_path_factory, runner):
     res = runner.invoke(app, ["train", str(TINY), "--out", str(out), "--device", "cpu", "--json", "--quiet"])
     assert res.exit_code == 0, res.output
     return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, runner):
+    """The demo recipe, shortened to 15 epochs (~5 s): a model good enough that its pictures show digits
+    and its likelihood tells digits from noise. Shared by the picture and rejection tests."""
+    from vae_cli.cli import app
+
+    out = tmp_path_factory.mktemp("runs")
+    res = runner.invoke(app, ["train", str(ROOT / "recipes" / "digits.yaml"), "--out", str(out), "--device", "cpu",
+                              "--json", "--quiet", "epochs=15"])
+    assert res.exit_code == 0, res.output
+    return out / "digits"

@@ -28,3 +28,60 @@ def write(path: Path, mode: str, size: tuple[int, int], seed: int = 0) -> Path:
         img = img.convert(mode)
     img.save(path)
     return path
+
+
+def noise(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Uniform grey noise (h, w) uint8: nothing like any training image."""
+    return np.random.RandomState(seed).randint(0, 256, size).astype(np.uint8)
+
+
+LETTERS = "AKMWHRE"
+SHAPES = ("square", "bars", "checker", "frame", "diagonals")
+
+
+def letter(char: str, size: tuple[int, int]) -> np.ndarray:
+    """A white capital letter on black (h, w) uint8, drawn at 64x64 with Pillow's own font, then resized."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("L", (64, 64), 0)
+    font = ImageFont.load_default(size=56)
+    ImageDraw.Draw(img).text((32, 32), char, fill=255, font=font, anchor="mm", stroke_width=5, stroke_fill=255)
+    return np.asarray(img.resize(size[::-1], Image.BILINEAR))
+
+
+def shape(kind: str, size: tuple[int, int]) -> np.ndarray:
+    """A white geometric pattern on black (h, w) uint8."""
+    from PIL import ImageDraw
+
+    img = Image.new("L", (64, 64), 0)
+    d = ImageDraw.Draw(img)
+    if kind == "square":
+        d.rectangle((10, 10, 54, 54), fill=255)
+    elif kind == "bars":
+        for y in range(4, 64, 16):
+            d.rectangle((0, y, 63, y + 7), fill=255)
+    elif kind == "checker":
+        for i in range(4):
+            for j in range(4):
+                if (i + j) % 2 == 0:
+                    d.rectangle((16 * i, 16 * j, 16 * i + 15, 16 * j + 15), fill=255)
+    elif kind == "frame":
+        d.rectangle((2, 2, 61, 61), outline=255, width=8)
+    else:
+        d.line((0, 0, 63, 63), fill=255, width=8)
+        d.line((0, 63, 63, 0), fill=255, width=8)
+    return np.asarray(img.resize(size[::-1], Image.BILINEAR))
+
+
+def outliers(folder: Path, size: tuple[int, int], count: int = 10) -> dict[str, list[Path]]:
+    """PNG files of noise, letters and shapes in folder/{noise,letters,shapes}/."""
+    made: dict[str, list[Path]] = {"noise": [], "letters": [], "shapes": []}
+    for kind, arrays in (("noise", [noise(size, s) for s in range(count)]),
+                         ("letters", [letter(c, size) for c in LETTERS]),
+                         ("shapes", [shape(k, size) for k in SHAPES])):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for i, a in enumerate(arrays):
+            p = folder / kind / f"{kind}-{i:03d}.png"
+            Image.fromarray(a, "L").save(p)
+            made[kind].append(p)
+    return made

@@ -128,7 +128,7 @@ CASES = [
     ("sample-unknown-class", lambda t, w: ["sample", W, "--class", "eleven", "-o", str(t / "s.png")], 2,
      "not one of the model's classes"),
     ("sample-not-png", lambda t, w: ["sample", W, "-o", str(t / "s.jpg")], 2, "must end in .png"),
-    ("eval-split", lambda t, w: ["eval", W, "--split", "val"], 2, "--split must be test or train"),
+    ("eval-split", lambda t, w: ["eval", W, "--split", "val"], 2, "--split must be one of test, train, holdout"),
     ("info-nothing", lambda t, w: ["info"], 2, "give a weights file"),
 ]
 

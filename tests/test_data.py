@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from vae_cli.data import build_dataset, labelled_subset, stratified_split
 from vae_cli.errors import DataError, RecipeError
@@ -11,9 +12,31 @@ from vae_cli.recipe import DataConfig
 def test_digits_dataset_shapes_and_range():
     d = build_dataset(DataConfig(), seed=0)
     assert d.image_shape == (1, 8, 8) and d.classes == [str(i) for i in range(10)]
-    assert len(d.train_x) + len(d.test_x) == 1797
+    assert len(d.train_x) + len(d.holdout_x) + len(d.test_x) == 1797
     assert float(d.train_x.min()) >= 0.0 and float(d.train_x.max()) <= 1.0
     assert len(d.labelled) == len(d.train_x)
+
+
+def test_holdout_is_stratified_fixed_and_kept_out_of_training():
+    a, b = build_dataset(DataConfig(holdout_fraction=0.1), seed=0), build_dataset(DataConfig(holdout_fraction=0.1), 7)
+    assert torch.equal(a.holdout_x, b.holdout_x) and torch.equal(a.train_x, b.train_x)  # not moved by the seed
+    assert np.bincount(a.holdout_y.numpy()).min() >= 13  # ~14 of each class's ~144
+    flat = {tuple(r) for r in a.train_x.flatten(1).tolist()}
+    assert sum(tuple(r) in flat for r in a.holdout_x.flatten(1).tolist()) <= 2  # (the digits have 1 duplicate)
+    none = build_dataset(DataConfig(holdout_fraction=0), seed=0)
+    assert none.holdout_x is None and len(none.train_x) == len(a.train_x) + len(a.holdout_x)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "stochastic"])
+def test_binarized_data_is_binary_and_fixed(mode):
+    d = build_dataset(DataConfig(binarize=mode), seed=0)
+    for t in (d.train_x, d.test_x, d.holdout_x):
+        assert set(t.unique().tolist()) <= {0.0, 1.0}
+    assert d.levels == 2
+    assert torch.equal(d.test_x, build_dataset(DataConfig(binarize=mode), seed=3).test_x)
+    assert (d.train_grey is not None) == (mode == "stochastic")
+    if mode == "stochastic":  # the draw follows the grey level: mean of the draws ~ mean grey
+        assert abs(d.train_x.mean().item() - d.train_grey.mean().item()) < 0.01
 
 
 def test_test_split_is_stratified_and_independent_of_the_seed():

@@ -32,7 +32,7 @@ def _folder(root: Path, split: str | None, counts=(("cat", 6), ("dog", 5), ("eel
 def test_folder_with_train_and_test(tmp_path):
     _folder(tmp_path, "train")
     _folder(tmp_path, "test", (("cat", 2), ("dog", 2), ("eel", 1)))
-    d = build_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=12), seed=0)
+    d = build_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=12, holdout_fraction=0), seed=0)
     assert d.classes == ["cat", "dog", "eel"]
     assert d.train_x.shape == (15, 3, 12, 12) and d.test_x.shape == (5, 3, 12, 12)  # colour present -> 3
     assert np.bincount(d.train_y.numpy()).tolist() == [6, 5, 4]
@@ -99,10 +99,11 @@ def test_torchvision_mnist_layout_from_real_idx_files(tmp_path):
     _idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10, True)
     _idx(raw / "t10k-images-idx3-ubyte", rng.randint(0, 256, (10, 28, 28)), False)
     _idx(raw / "t10k-labels-idx1-ubyte", np.arange(10), True)
-    d = build_dataset(DataConfig(name="mnist", root=str(tmp_path)), 0)
+    d = build_dataset(DataConfig(name="mnist", root=str(tmp_path), holdout_fraction=0), 0)
     assert d.train_x.shape == (30, 1, 28, 28) and d.test_x.shape == (10, 1, 28, 28)
     assert len(d.classes) == 10 and d.train_y.tolist()[:3] == [0, 1, 2]
-    resized = build_dataset(DataConfig(name="mnist", root=str(tmp_path), image_size=14, channels=3), 0)
+    resized = build_dataset(DataConfig(name="mnist", root=str(tmp_path), image_size=14, channels=3,
+                                       holdout_fraction=0), 0)
     assert resized.train_x.shape == (30, 3, 14, 14)
 
 
@@ -118,7 +119,7 @@ def test_real_mnist_gz_files_offline(tmp_path):
     raw.mkdir(parents=True)
     for f in SHARED_MNIST.glob("*.gz"):
         shutil.copy(f, raw / f.name)
-    d = build_dataset(DataConfig(name="mnist", root=str(tmp_path), labels_per_class=10), seed=0)
+    d = build_dataset(DataConfig(name="mnist", root=str(tmp_path), labels_per_class=10, holdout_fraction=0), seed=0)
     assert d.train_x.shape == (60000, 1, 28, 28) and len(d.test_x) == 10000 and len(d.labelled) == 100
     with gzip.open(raw / "t10k-labels-idx1-ubyte.gz") as f:
         assert d.test_y[:5].tolist() == list(f.read()[8:13])
@@ -148,19 +149,20 @@ def test_cifar10_binary_version_without_pickle(tmp_path):
         labels = (np.arange(n) % 10).astype(np.uint8)[:, None]
         pixels = rng.randint(0, 256, (n, 3072)).astype(np.uint8)
         (folder / name).write_bytes(np.concatenate([labels, pixels], 1).tobytes())
-    d = build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), 0)
+    d = build_dataset(DataConfig(name="cifar10", root=str(tmp_path), holdout_fraction=0), 0)
     assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (3, 3, 32, 32)
     assert d.classes[0] == "airplane" and d.train_y[:4].tolist() == [0, 1, 2, 3]
     raw = (folder / "test_batch.bin").read_bytes()
     assert abs(float(d.test_x[0, 0, 0, 0]) - raw[1] / 255.0) < 1e-6  # first red pixel of the first image
-    grey = build_dataset(DataConfig(name="cifar10", root=str(tmp_path), channels=1, image_size=16), 0)
+    grey = build_dataset(DataConfig(name="cifar10", root=str(tmp_path), channels=1, image_size=16,
+                                    holdout_fraction=0), 0)
     assert grey.train_x.shape == (20, 1, 16, 16)
     (folder / "test_batch.bin").write_bytes(raw[:-5])
     with pytest.raises(DataError, match="truncated"):
-        build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), 0)
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path), holdout_fraction=0), 0)
 
 
 def test_cifar10_pickle_version_is_refused_with_a_hint(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     with pytest.raises(DataError, match="vae never unpickles"):
-        build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), 0)
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path), holdout_fraction=0), 0)

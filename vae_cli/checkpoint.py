@@ -24,7 +24,7 @@ from vae_cli import __version__
 from vae_cli.errors import CheckpointError, RecipeError
 
 FORMAT = "vae-cli/1"
-JSON_KEYS = ("recipe", "classes", "image_shape", "preprocess", "metrics", "labelled_indices")
+JSON_KEYS = ("recipe", "classes", "image_shape", "preprocess", "metrics", "labelled_indices", "reject")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

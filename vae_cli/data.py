@@ -29,6 +29,10 @@ class Dataset:
     test_y: Tensor
     classes: list[str]
     labelled: Tensor  # indices into train_x whose labels training may use
+    holdout_x: Tensor | None = None  # training-split images kept out of training (calibration)
+    holdout_y: Tensor | None = None
+    levels: int = 256  # how many values a pixel takes (2 when binarised): the grid for discrete likelihoods
+    train_grey: Tensor | None = None  # binarize=stochastic: the grey images each batch is drawn from
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -112,10 +116,35 @@ def build_dataset(cfg, seed: int) -> Dataset:
     train_x, test_x = conform(train_x, cfg), conform(test_x, cfg)
     if cfg.train_limit is not None:
         train_x, train_y = train_x[: cfg.train_limit], train_y[: cfg.train_limit]
+    hold_x = hold_y = None
+    if cfg.holdout_fraction > 0:  # fixed like the test split: the same images whatever the seed
+        keep, held = stratified_split(train_y, cfg.holdout_fraction, SPLIT_SEED)
+        if len(keep) == 0:
+            raise DataError(f"data.holdout_fraction={cfg.holdout_fraction} leaves no training images; lower it")
+        hold_x, hold_y, train_x, train_y = train_x[held], train_y[held], train_x[keep], train_y[keep]
     labelled = labelled_subset(train_y, cfg.labels_per_class, cfg.labeled_fraction, seed)
-    return Dataset(torch.from_numpy(np.ascontiguousarray(train_x)), torch.from_numpy(train_y),
-                   torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y), classes,
-                   torch.from_numpy(labelled))
+    levels, grey = LEVELS.get(cfg.name, 256), None
+    if cfg.binarize != "none":  # fixed draws (seeded apart), so every command sees the same binary images
+        grey = train_x if cfg.binarize == "stochastic" else None
+        train_x, test_x = _binarize(train_x, cfg.binarize, 1), _binarize(test_x, cfg.binarize, 2)
+        hold_x = _binarize(hold_x, cfg.binarize, 3) if hold_x is not None else None
+        levels = 2
+
+    def t(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    return Dataset(t(train_x), t(train_y), t(test_x), t(test_y), classes, t(labelled), t(hold_x), t(hold_y),
+                   levels, t(grey))
+
+
+# Pixel values a dataset's images take (8-bit unless listed): the grid of discretised likelihoods.
+LEVELS = {"digits": 17}
+
+
+def _binarize(x: np.ndarray, mode: str, seed: int) -> np.ndarray:
+    if mode == "threshold":
+        return (x > 0.5).astype(np.float32)
+    return (np.random.RandomState(seed).random_sample(x.shape) < x).astype(np.float32)
 
 
 # Importing the builder modules registers them.

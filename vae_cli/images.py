@@ -86,3 +86,17 @@ def expand_paths(items: list[str]) -> list[Path]:
             raise UsageError(f"'{item}' does not exist (give image files, folders or globs)")
     seen: set[Path] = set()
     return [p for p in found if not (p in seen or seen.add(p))]
+
+
+def as_trained(arr: np.ndarray, preprocess: dict) -> np.ndarray:
+    """A loaded image as the model saw its training data: thresholded when that was binarised."""
+    return (arr > 0.5).astype(np.float32) if preprocess.get("binarize") else arr
+
+
+def load_for_model(paths: list[Path], meta: dict):
+    """Image files -> one (N, C, H, W) float tensor in the model's input format (ImageError if one is bad)."""
+    import torch
+
+    c, h, w = meta["image_shape"]
+    pre = meta.get("preprocess", {})
+    return torch.stack([torch.from_numpy(as_trained(load_image(p, c, (h, w)), pre)) for p in paths])

@@ -11,7 +11,8 @@ from vae_cli import losses
 class Bernoulli(nn.Module):
     """Decoder output = per-pixel logits; images in [0, 1]. Logits keep BCE safe under autocast."""
 
-    def nll(self, out: Tensor, x: Tensor) -> Tensor:
+    def nll(self, out: Tensor, x: Tensor, levels: int | None = None) -> Tensor:
+        # Binary images are already discrete; on grey images this is the usual relaxation (`levels` unused).
         return losses.bernoulli_nll(out, x)
 
     def mean(self, out: Tensor) -> Tensor:
@@ -27,8 +28,12 @@ class Gaussian(nn.Module):
         self.vector = vector
         self.log_scale = nn.Parameter(torch.full((dims,), 0.0 if vector else -2.0))
 
-    def nll(self, out: Tensor, x: Tensor) -> Tensor:
-        return losses.gaussian_nll(self.mean(out), self.log_scale.clamp(-7.0, 2.0), x)
+    def nll(self, out: Tensor, x: Tensor, levels: int | None = None) -> Tensor:
+        """A density on [0, 1] by default; with `levels`, the probability of x's bin on that grid."""
+        scale = self.log_scale.clamp(-7.0, 2.0)
+        if levels is not None and not self.vector:
+            return losses.discretized_gaussian_nll(self.mean(out), scale, x, levels)
+        return losses.gaussian_nll(self.mean(out), scale, x)
 
     def mean(self, out: Tensor) -> Tensor:
         return out.float() if self.vector else torch.sigmoid(out.float())

@@ -51,3 +51,28 @@ def elbo_terms(recon_nll: Tensor, kl: Tensor, kl_weight: float = 1.0) -> dict[st
     """Batch-mean loss terms of the (beta-weighted) negative ELBO, in nats per image."""
     recon, kl_mean = recon_nll.mean(), kl.mean()
     return {"loss": recon + kl_weight * kl_mean, "recon": recon, "kl": kl_mean}
+
+
+def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, exp(logvar)) summed over dimensions, per example (mu = 0, logvar = 0: the prior)."""
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    return -0.5 * _flat_sum((z - mu).pow(2) * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
+
+
+def discretized_gaussian_nll(mean: Tensor, log_scale: Tensor, x: Tensor, levels: int) -> Tensor:
+    """-log P(x) for x on a grid of `levels` values in [0, 1] (0, 1/(L-1), ..., 1), per example: the
+    Gaussian's mass over each value's bin, the end bins reaching to -inf/+inf, so the masses sum to one
+    (the discretisation of Salimans et al. 2017, "PixelCNN++", section 2.1, with a Gaussian)."""
+    mean, log_scale, x = mean.float(), log_scale.float(), x.float()
+    half = 0.5 / (levels - 1)
+    inv = torch.exp(-log_scale) / math.sqrt(2.0)
+    upper = torch.where(x >= 1 - half, torch.ones_like(x), 0.5 * (1 + torch.erf((x + half - mean) * inv)))
+    lower = torch.where(x <= half, torch.zeros_like(x), 0.5 * (1 + torch.erf((x - half - mean) * inv)))
+    mass = (upper - lower).clamp_min(1e-12)
+    return -_flat_sum(torch.log(mass))
+
+
+def iwae_bound(log_w: Tensor) -> Tensor:
+    """log (1/K) sum_k w_k for log-weights (B, K): the importance-weighted bound on log p(x) (Burda, Grosse
+    & Salakhutdinov 2016, "Importance Weighted Autoencoders", eq. 8); K = 1 is the ELBO."""
+    return torch.logsumexp(log_w.float(), dim=1) - math.log(log_w.shape[1])

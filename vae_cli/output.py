@@ -49,18 +49,48 @@ def print_confusion(classes: list[str], cm: list[list[int]]) -> None:
 
 
 def print_rows(rows: list[dict], fmt: str, top_k: int) -> None:
+    """One row per image; with --reject also its log-likelihood score and the verdict."""
     if fmt == "json":
         print_json(rows)
         return
+    gated = bool(rows) and "rejected" in rows[0]
     if fmt == "csv":
         w = csv.writer(sys.stdout)
         header = ["path"]
         for i in range(1, top_k + 1):
             header += [f"class_{i}", f"prob_{i}"] if top_k > 1 else ["class", "prob"]
-        w.writerow(header)
+        w.writerow(header + (["log_likelihood", "rejected"] if gated else []))
         for r in rows:
-            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["class"], f"{p['prob']:.6f}")])
+            gate = [f"{r['score']:.3f}", str(r["rejected"]).lower()] if gated else []
+            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["class"], f"{p['prob']:.6f}")] + gate)
         return
     for r in rows:
         preds = "  ".join(f"{p['class']} {p['prob']:.4f}" for p in r["top"])
-        print(f"{r['path']}\t{preds}")
+        gate = (f"\tREJECTED (log p(x) {r['score']:.1f}: unlike the training data)" if r["rejected"]
+                else f"\tok (log p(x) {r['score']:.1f})") if gated else ""
+        print(f"{r['path']}\t{preds}{gate}")
+
+
+def print_eval(res: dict) -> None:
+    """`vae eval` for people: the summary, per-class precision/recall/F1, the confusion matrix."""
+    rows = [("accuracy", res["accuracy"]), ("macro F1", res["macro_f1"]),
+            ("expected calibration error", res["ece"]), ("ELBO (nats/image)", res["elbo"]),
+            ("reconstruction -log p(x|z)", res["recon"]), ("KL(q(z|x) || p(z))", res["kl"]),
+            ("active units", f"{res['active_units']} of {res['latent_dim']}")]
+    nll = res.get("nll")
+    if nll:
+        kind = "" if nll["discrete"] else " (density, not discrete)"
+        rows += [(f"NLL, IWAE k={nll['iw_samples']} (nats){kind}", f"{nll['nats']:.3f} ± {nll['stderr_nats']:.3f}"),
+                 ("bits/dim", nll["bits_per_dim"])]
+    probe = res.get("probe")
+    if probe:
+        n = probe["labels_per_class"]
+        rows += [(f"linear probe ({n} labels/class)", probe["linear_accuracy"]),
+                 (f"{probe['knn_k']}-NN ({n} labels/class)", probe["knn_accuracy"])]
+    table(f"{res['weights']} ({res['split']} split, {res['n']} images, {res['precision']})", rows)
+    print("\nper class")
+    width = max(len("class"), *(len(c) for c in res["per_class"])) + 2
+    print("class".ljust(width) + "".join(h.rjust(10) for h in ("precision", "recall", "F1", "support")))
+    for c, v in res["per_class"].items():
+        print(c.ljust(width) + f"{v['precision']:10.4f}{v['recall']:10.4f}{v['f1']:10.4f}{v['support']:10d}")
+    print_confusion(list(res["per_class"]), res["confusion_matrix"])

@@ -46,3 +46,34 @@ def save_each(images: torch.Tensor, folder: str | Path, prefix: str = "sample") 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return [save_png(grid(img[None], 1, pad=0), folder / f"{prefix}-{i:04d}.png") for i, img in enumerate(images)]
+
+
+@torch.no_grad()
+def class_samples(model, per_class: int, temperature: float = 1.0) -> torch.Tensor:
+    """per_class samples of every class, class by class (one grid row per class with nrow=per_class)."""
+    y = torch.arange(model.num_classes, device=model.device).repeat_interleave(per_class)
+    return model.sample(len(y), y, temperature).float().cpu()
+
+
+@torch.no_grad()
+def interpolation(model, xa: torch.Tensor, xb: torch.Tensor, steps: int) -> torch.Tensor:
+    """Rows of [a, steps decoded codes on the line from z(a) to z(b), b] for each pair (a, b).
+
+    The codes are the posterior means; models whose decoder also takes a class (M2) get the two images'
+    class probabilities mixed the same way, so a 3 turns into an 8 along the row."""
+    t = torch.linspace(0.0, 1.0, steps, device=xa.device)[None, :, None]
+    za, zb = model.latent_means(xa).float(), model.latent_means(xb).float()
+    pa, pb = model.predict_proba(xa).float(), model.predict_proba(xb).float()
+    z = ((1 - t) * za[:, None] + t * zb[:, None]).flatten(0, 1)
+    p = ((1 - t) * pa[:, None] + t * pb[:, None]).flatten(0, 1)
+    mid = model.decode_latents(z, p).float().view(len(xa), steps, *xa.shape[1:])
+    return torch.cat([xa.float()[:, None], mid, xb.float()[:, None]], 1).flatten(0, 1).cpu()
+
+
+def pair_indices(y: torch.Tensor, pairs: int) -> tuple[list[int], list[int]]:
+    """Pairs of test images from different classes (class c with class c+1), deterministic."""
+    classes = sorted(set(y.tolist()))
+    first = {c: int((y == c).nonzero()[0]) for c in classes}
+    a = [first[classes[i % len(classes)]] for i in range(pairs)]
+    b = [first[classes[(i + 1) % len(classes)]] for i in range(pairs)]
+    return a, b

@@ -49,6 +49,11 @@ class DataConfig:
                                          exclusive_min=True)
     train_limit: int | None = key(None, "use only the first N training images (quick experiments, tests)",
                                   min=1)
+    holdout_fraction: float = key(0.05, "share of the training split kept out of training (stratified, fixed) "
+                                        "to calibrate `classify --reject` (0: none)", min=0.0, max=0.5)
+    binarize: str = key("none", "none | threshold (x > 0.5 everywhere) | stochastic (each training batch a "
+                                "fresh Bernoulli draw; test and held-out images one fixed draw)",
+                        choices=("none", "threshold", "stochastic"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,10 @@ class TrainConfig:
     fused_optimizer: bool = key(True, "fused AdamW kernel where torch has one (measured +9% on CPU)")
     compile: bool = key(False, "torch.compile the training step (pays a compile time up front; see BENCHMARKS.md)")
     checkpoint_every: int = key(0, "also write the resumable state every N steps (0: only each epoch)", min=0)
+    reject_rate: float = key(0.01, "`classify --reject`: share of held-out training images that may be "
+                                   "rejected; sets the likelihood threshold", min=0.0, max=0.5, exclusive_min=True)
+    reject_samples: int = key(16, "importance samples per image in the `--reject` score (IWAE bound)", min=1,
+                              max=1024)
     skip_nonfinite: bool = key(False, "skip batches whose loss is NaN/inf instead of stopping the run")
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from vae_cli import checkpoint, distributed, fsutil, pictures, state
+from vae_cli import distributed, fsutil, state
 from vae_cli.augment import augment
 from vae_cli.console import Reporter
 from vae_cli.data import Dataset, build_dataset
 from vae_cli.distributed import Dist
 from vae_cli.errors import Interrupted, UsageError, VaeError
 from vae_cli.evaluate import evaluate
+from vae_cli.finish import finish
 from vae_cli.models import build_model
 from vae_cli.models.base import Batch
 from vae_cli.recipe import Recipe
@@ -68,11 +69,6 @@ def make_run_dir(out: str | Path, name: str, exist_ok: bool) -> Path:
         return candidate
     except (NotADirectoryError, PermissionError, FileExistsError) as e:
         raise UsageError(f"cannot create run folder under '{out}' ({e.strerror or e}); pick another --out") from None
-
-
-def preprocess_of(data: Dataset) -> dict:
-    c, h, w = data.image_shape
-    return {"channels": c, "size": [h, w], "range": [0.0, 1.0]}
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -123,7 +119,10 @@ class Loop:
         if tc.batch_size < self.d.world:
             raise UsageError(f"train.batch_size={tc.batch_size} is the global batch and must be at least the "
                              f"number of processes ({self.d.world})")
-        self.x, self.y = data.train_x.to(rt.device), data.train_y.to(rt.device)
+        # binarize=stochastic: batches are drawn from the grey images, a fresh Bernoulli sample each step
+        self.stochastic = data.train_grey is not None
+        self.x = (data.train_grey if self.stochastic else data.train_x).to(rt.device)
+        self.y = data.train_y.to(rt.device)
         self.lab_idx = data.labelled.to(rt.device)
         self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=rt.device)
         self.labelled[self.lab_idx] = True
@@ -174,6 +173,7 @@ class Loop:
     def _aug(self, t: torch.Tensor) -> torch.Tensor:
         tc = self.recipe.train
         t = augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip)
+        t = torch.bernoulli(t) if self.stochastic else t
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def _step(self, idx: torch.Tensor) -> dict[str, float] | None:
@@ -349,38 +349,4 @@ def _train_in(run_dir: Path, recipe: Recipe, resume: bool, reporter: Reporter, r
                  f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
                  f"{rt.device.type}/{rt.precision}{procs} -> {run_dir}")
     rows = loop.run()
-    return _finish(model, data, recipe, rt, paths, rows, reporter, time.perf_counter() - t_start, d)
-
-
-def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, rows: list[dict],
-            reporter: Reporter, seconds: float, d: Dist) -> dict:
-    """After the loop: classifier stage, final evaluation, weights and pictures. Seeded on its own, so a
-    resumed run finishes exactly like an uninterrupted one (and every rank computes the same)."""
-    torch.manual_seed(recipe.seed + 1)
-    lab = data.labelled.to(rt.device)
-    head = model.fit_classifier(data.train_x.to(rt.device)[lab], data.train_y.to(rt.device)[lab],
-                                recipe.train.head_steps, 256)
-    checksums = [int(c) for c in d.gather(torch.tensor([distributed.checksum(model)], device=rt.device))]
-    if len(set(checksums)) > 1:
-        raise VaeError(f"the {d.world} processes ended with different weights (checksums {checksums}); "
-                       f"this is a bug, please report it with the recipe")
-    metrics = evaluate(model, data.test_x, data.test_y, data.classes, rt)
-    summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n")}
-    summary["train_seconds"] = round(seconds, 2)
-    result = {"run_dir": str(paths["run_dir"]), "paths": {k: str(v) for k, v in paths.items()},
-              "device": rt.device.type, "precision": rt.precision, "epochs": len(rows), "processes": d.world,
-              "rank": d.rank,
-              "rank_checksums": checksums, "train_seconds": round(seconds, 2), "test": metrics}
-    if not d.is_main:
-        return result
-    checkpoint.save(paths["weights"], model, classes=data.classes, preprocess=preprocess_of(data),
-                    metrics=summary, recipe=recipe.to_dict(),
-                    extra={"labelled_indices": data.labelled.tolist(), "runtime": {
-                        "device": rt.device.type, "precision": rt.precision, "processes": d.world}, "head": head})
-    with torch.no_grad():
-        torch.manual_seed(recipe.seed)
-        with rt.autocast():
-            samples = model.sample(recipe.train.num_samples)
-    pictures.save_grid(samples, paths["samples"])
-    reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
-    return result
+    return finish(model, data, recipe, rt, paths, rows, reporter, time.perf_counter() - t_start, d)

@@ -50,6 +50,19 @@ class Model(nn.Module):
         """Per-example `recon` (-log p(x|z)) and `kl` terms of the ELBO, in nats."""
         raise NotImplementedError
 
+    def log_weights(self, x: Tensor, k: int, levels: int | None = None) -> Tensor:
+        """(B, k) importance log-weights log p(x, latents) - log q(latents | x), each with fresh latents
+        drawn from q (Burda et al. 2016); `levels` scores x on that grid of values (see Gaussian.nll)."""
+        raise NotImplementedError
+
+    def latent_means(self, x: Tensor) -> Tensor:
+        """(B, latent_dim) posterior means E[z | x]: the codes for probes, maps and interpolation."""
+        raise NotImplementedError
+
+    def decode_latents(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """Images in [0, 1] from latent codes as `latent_means` gives them (class y where it matters)."""
+        raise NotImplementedError
+
     def predict_proba(self, x: Tensor) -> Tensor:
         """Class probabilities (B, num_classes) from the model's best classifier."""
         raise NotImplementedError

@@ -43,6 +43,15 @@ class M1M2(Model):
     def elbo_parts(self, x: Tensor) -> dict[str, Tensor]:
         return self.m1.elbo_parts(x)
 
+    def log_weights(self, x: Tensor, k: int, levels: int | None = None) -> Tensor:
+        return self.m1.log_weights(x, k, levels)  # the image model is M1 (its N(0, I) prior)
+
+    def latent_means(self, x: Tensor) -> Tensor:
+        return self.m1.latent_means(x)
+
+    def decode_latents(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.m1.decode_latents(z)
+
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         z1 = self.m2.sample(n, y, temperature)
         return self.m1.likelihood.mean(self.m1.decoder(z1))

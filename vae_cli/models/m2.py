@@ -124,6 +124,32 @@ class M2(Model):
         recon = (q * per_class["recon"]).sum(1)
         return {"recon": recon, "kl": total - recon}
 
+    def log_weights(self, x: Tensor, k: int, levels: int | None = None) -> Tensor:
+        """Latents (y, z) drawn as y ~ q(y|x), z ~ q(z|x,y); p(y) uniform."""
+        b, K = x.shape[0], self.num_classes
+        h = self.trunk(x)
+        log_q = F.log_softmax(self.class_logits(h), 1)
+        y = torch.multinomial(log_q.exp(), k, replacement=True).flatten()  # (B*k), image-major
+        h_k, log_qy = h.repeat_interleave(k, 0), log_q.repeat_interleave(k, 0).gather(1, y[:, None])[:, 0]
+        mu, logvar = self.posterior(h_k, y)
+        z = losses.reparameterize(mu, logvar)
+        nll = self.likelihood.nll(self.decode(z, y), x.repeat_interleave(k, 0), levels)
+        zeros = torch.zeros_like(z)
+        log_w = (-nll + losses.gaussian_log_density(z, zeros, zeros) - math.log(K)
+                 - losses.gaussian_log_density(z, mu, logvar) - log_qy)
+        return log_w.view(b, k)
+
+    def latent_means(self, x: Tensor) -> Tensor:
+        """The style code's mean under the predicted class (M2's z is meant to carry what y does not)."""
+        h = self.trunk(x)
+        return self.posterior(h, self.class_logits(h).argmax(1))[0]
+
+    def decode_latents(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """y: class indices (B,) or class weights (B, K), e.g. a mix of two classes."""
+        y = torch.zeros(len(z), dtype=torch.long, device=z.device) if y is None else y
+        y_vec = y.to(z.dtype) if y.ndim == 2 else one_hot(y, self.num_classes, z.dtype)
+        return self.likelihood.mean(self.decoder(torch.cat([z, y_vec], 1)))
+
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         if y is None:
             y = torch.arange(n, device=self.device) % self.num_classes

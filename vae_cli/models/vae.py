@@ -57,6 +57,22 @@ class VAE(Model):
         out = self.decoder(losses.reparameterize(mu, logvar))
         return {"recon": self.likelihood.nll(out, x), "kl": losses.gaussian_kl(mu, logvar)}
 
+    def log_weights(self, x, k, levels=None):
+        mu, logvar = self.encode(x)
+        b = x.shape[0]
+        mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)
+        z = losses.reparameterize(mu_k, logvar_k)
+        nll = self.likelihood.nll(self.decoder(z), x.repeat_interleave(k, 0), levels)
+        zeros = torch.zeros_like(z)
+        log_w = -nll + losses.gaussian_log_density(z, zeros, zeros) - losses.gaussian_log_density(z, mu_k, logvar_k)
+        return log_w.view(b, k)
+
+    def latent_means(self, x):
+        return self.encode(x)[0]
+
+    def decode_latents(self, z, y=None):
+        return self.likelihood.mean(self.decoder(z))
+
     # --- the M1 classifier ------------------------------------------------------------------------
     def _features(self, z: Tensor) -> Tensor:
         return (z - self.feat_mean) / self.feat_std

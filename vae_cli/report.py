@@ -1,0 +1,134 @@
+"""The run's pictures and its HTML report, written at the end of training and again by `vae plot`.
+
+report.html is one self-contained file (pictures inlined as data: URIs), so it opens from disk, from a
+copied run folder or an e-mail attachment, with no server. Its script only counts the pictures that
+decoded (`data-images-loaded` on <body>), which the headless-browser test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import torch
+import yaml
+
+from vae_cli import fsutil, pictures, plots
+from vae_cli.data import Dataset
+from vae_cli.evaluate import latent_means
+from vae_cli.recipe import Recipe
+from vae_cli.runtime import Runtime
+
+MAP_IMAGES = 5000  # test images in the latent map
+PER_CLASS = 10  # samples per class in samples-by-class.png
+RECON_IMAGES = 32
+INTERP_PAIRS, INTERP_STEPS = 8, 10
+
+# file name -> caption, in report order
+CAPTIONS = {
+    "samples.png": "Samples from the prior",
+    "samples-by-class.png": "Samples by class (one row per class)",
+    "reconstructions.png": "Test images (left of each pair) and their reconstructions",
+    "interpolation.png": "Interpolations between test images of neighbouring classes, through latent space",
+    "latent-map.png": "Latent means of test images, coloured by true class",
+    "curves.png": "Training curves (metrics.csv)",
+    "confusion.png": "Confusion matrix on the test split",
+}
+
+
+@torch.no_grad()
+def write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out_dir: Path, metrics: dict,
+                       metrics_csv: Path | None = None) -> dict[str, str]:
+    """Write every picture and report.html into out_dir; returns {name: path} of what was written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    written: dict[str, Path] = {}
+    torch.manual_seed(recipe.seed)  # the same pictures from the same weights
+    x, y = data.test_x, data.test_y
+    with rt.autocast():
+        written["samples"] = pictures.save_grid(model.sample(recipe.train.num_samples).float().cpu(),
+                                                out_dir / "samples.png")
+        written["samples_by_class"] = pictures.save_grid(pictures.class_samples(model, PER_CLASS),
+                                                         out_dir / "samples-by-class.png", nrow=PER_CLASS)
+        xr = x[:RECON_IMAGES].to(rt.device)
+        pairs = torch.stack([xr.float().cpu(), model.reconstruct(xr).float().cpu()], 1).flatten(0, 1)
+        written["reconstructions"] = pictures.save_grid(pairs, out_dir / "reconstructions.png",
+                                                        nrow=2 * max(1, int(len(xr) ** 0.5)))
+        a, b = pictures.pair_indices(y, INTERP_PAIRS)
+        rows = pictures.interpolation(model, x[a].to(rt.device), x[b].to(rt.device), INTERP_STEPS)
+        written["interpolation"] = pictures.save_grid(rows, out_dir / "interpolation.png", nrow=INTERP_STEPS + 2)
+    z = latent_means(model, x[:MAP_IMAGES], rt).numpy()
+    written["latent_map"] = plots.latent_map(z, y[:MAP_IMAGES].numpy(), data.classes, out_dir / "latent-map.png")
+    if metrics_csv is not None and Path(metrics_csv).is_file():
+        written["curves"] = plots.training_curves(plots.read_metrics_csv(Path(metrics_csv)), out_dir / "curves.png",
+                                                   accuracy=model.needs_labelled_batch)
+    written["confusion"] = plots.confusion(metrics["confusion_matrix"], data.classes, out_dir / "confusion.png")
+    written["report"] = write_report(out_dir / "report.html", recipe, metrics,
+                                     [p for k, p in written.items()])
+    return {k: str(v) for k, v in written.items()}
+
+
+def _metric_rows(m: dict) -> list[tuple[str, str]]:
+    rows = [("test images", f"{m['n']}"), ("accuracy", f"{m['accuracy']:.4f}"),
+            ("macro F1", f"{m['macro_f1']:.4f}"), ("expected calibration error", f"{m['ece']:.4f}"),
+            ("ELBO (nats/image)", f"{m['elbo']:.3f}"), ("reconstruction -log p(x|z)", f"{m['recon']:.3f}"),
+            ("KL", f"{m['kl']:.3f}"), ("active units", f"{m['active_units']} of {m['latent_dim']}")]
+    if m.get("nll"):
+        n = m["nll"]
+        rows += [(f"NLL, IWAE k={n['iw_samples']} (nats)", f"{n['nats']:.3f} ± {n['stderr_nats']:.3f}"),
+                 ("bits/dim", f"{n['bits_per_dim']:.4f}")]
+    if m.get("probe"):
+        p = m["probe"]
+        rows += [(f"linear probe, {p['labels_per_class']} labels/class", f"{p['linear_accuracy']:.4f}"),
+                 (f"{p['knn_k']}-NN, {p['labels_per_class']} labels/class", f"{p['knn_accuracy']:.4f}")]
+    return rows
+
+
+def _table(rows: list[tuple[str, ...]], head: tuple[str, ...] | None = None) -> str:
+    th = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{th}{body}</table>"
+
+
+def write_report(path: Path, recipe: Recipe, metrics: dict, images: list[Path]) -> Path:
+    """A self-contained HTML page: recipe, metrics, per-class table and every picture."""
+    figures = []
+    for p in images:
+        data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
+        cap = html.escape(CAPTIONS.get(Path(p).name, Path(p).name))
+        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{cap}">'
+                       f"<figcaption>{cap} <code>{html.escape(Path(p).name)}</code></figcaption></figure>")
+    per_class = [(c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"])
+                 for c, v in metrics["per_class"].items()]
+    title = html.escape(f"vae run: {recipe.name or 'run'} ({recipe.model.name} on {recipe.data.name})")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 10px; }}
+th {{ background: #f3f3f3; }} figure {{ display: inline-block; margin: 1em; vertical-align: top; }}
+img {{ max-width: 1000px; image-rendering: pixelated; border: 1px solid #ddd; }}
+pre {{ background: #f7f7f7; padding: 1em; overflow: auto; }}
+</style></head>
+<body data-images-loaded="0">
+<h1>{title}</h1>
+<h2>Test metrics</h2>
+{_table(_metric_rows(metrics))}
+<h2>Per class</h2>
+{_table(per_class, ("class", "precision", "recall", "F1", "support"))}
+<h2>Pictures</h2>
+{"".join(figures)}
+<h2>Recipe</h2>
+<pre>{html.escape(yaml.safe_dump(recipe.to_dict(), sort_keys=False))}</pre>
+<script>
+window.addEventListener("load", function () {{
+  var ok = Array.prototype.filter.call(document.images, function (i) {{ return i.complete && i.naturalWidth > 0; }});
+  document.body.setAttribute("data-images-loaded", String(ok.length));
+}});
+</script>
+</body></html>
+"""
+    fsutil.write_text(path, page)
+    return path
