@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from vae_cli.errors import DataError, RecipeError
+from vae_cli.streaming import is_lazy
 
 # The held-back test split of datasets without their own does not move with the training seed, so runs
 # with different seeds are scored on the same images.
@@ -113,15 +114,21 @@ def build_dataset(cfg, seed: int) -> Dataset:
     train_x, train_y, test_x, test_y, classes = builder(cfg)
     if len(train_x) == 0:
         raise DataError(f"dataset '{cfg.name}' has no training images")
-    train_x, test_x = conform(train_x, cfg), conform(test_x, cfg)
+    lazy = is_lazy(train_x)  # a streamed folder dataset: decoded at its size and channels, batch by batch
+    if lazy and cfg.binarize != "none":
+        raise DataError(f"data.binarize={cfg.binarize} needs the images in memory, but this dataset streams "
+                        f"from disk (over data.memory_limit_gb={cfg.memory_limit_gb}); raise that limit or use "
+                        f"binarize=none")
+    if not lazy:
+        train_x, test_x = conform(train_x, cfg), conform(test_x, cfg)
     if cfg.train_limit is not None:
-        train_x, train_y = train_x[: cfg.train_limit], train_y[: cfg.train_limit]
+        train_x, train_y = _take(train_x, slice(0, cfg.train_limit)), train_y[: cfg.train_limit]
     hold_x = hold_y = None
     if cfg.holdout_fraction > 0:  # fixed like the test split: the same images whatever the seed
         keep, held = stratified_split(train_y, cfg.holdout_fraction, SPLIT_SEED)
         if len(keep) == 0:
             raise DataError(f"data.holdout_fraction={cfg.holdout_fraction} leaves no training images; lower it")
-        hold_x, hold_y, train_x, train_y = train_x[held], train_y[held], train_x[keep], train_y[keep]
+        hold_x, hold_y, train_x, train_y = _take(train_x, held), train_y[held], _take(train_x, keep), train_y[keep]
     labelled = labelled_subset(train_y, cfg.labels_per_class, cfg.labeled_fraction, seed)
     levels, grey = LEVELS.get(cfg.name, 256), None
     if cfg.binarize != "none":  # fixed draws (seeded apart), so every command sees the same binary images
@@ -131,7 +138,7 @@ def build_dataset(cfg, seed: int) -> Dataset:
         levels = 2
 
     def t(a):
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+        return a if a is None or is_lazy(a) else torch.from_numpy(np.ascontiguousarray(a))
 
     return Dataset(t(train_x), t(train_y), t(test_x), t(test_y), classes, t(labelled), t(hold_x), t(hold_y),
                    levels, t(grey))
@@ -139,6 +146,11 @@ def build_dataset(cfg, seed: int) -> Dataset:
 
 # Pixel values a dataset's images take (8-bit unless listed): the grid of discretised likelihoods.
 LEVELS = {"digits": 17}
+
+
+def _take(x, index):
+    """Rows of an array, or of a FileImages without decoding them."""
+    return x.subset(index) if is_lazy(x) else x[index]
 
 
 def _binarize(x: np.ndarray, mode: str, seed: int) -> np.ndarray:

@@ -61,6 +61,22 @@ def _decode(samples: list[tuple[str, int]], channels: int, size: tuple[int, int]
     return np.stack(x).astype(np.float32), np.array([c for _, c in samples], dtype=np.int64)
 
 
+def _streamed(train_samples, test_samples, classes, channels, size, cfg):
+    """The same splits as the decoded path, as FileImages (decoded batch by batch while training)."""
+    from vae_cli.streaming import FileImages
+
+    def files(samples):
+        return (FileImages([p for p, _ in samples], channels, size, cfg.workers),
+                np.array([c for _, c in samples], dtype=np.int64))
+
+    x, y = files(train_samples)
+    if not test_samples:
+        keep, held = stratified_split(y, cfg.test_fraction, SPLIT_SEED)
+        return x.subset(keep), y[keep], x.subset(held), y[held], classes
+    tx, ty = files(test_samples)
+    return x, y, tx, ty, classes
+
+
 @register_dataset("folder")
 def build_folder(cfg):
     """Images in class folders under data.root (train/ and test/ or val/ subfolders, or one tree)."""
@@ -79,6 +95,9 @@ def build_folder(cfg):
                             f"'{test_dir}' ({', '.join(test_classes)}); make them match")
     size = (cfg.image_size or DEFAULT_SIZE,) * 2
     channels = cfg.channels or _channels([p for p, _ in train_samples + test_samples])
+    decoded_gb = (len(train_samples) + len(test_samples)) * channels * size[0] * size[1] * 4 / 2**30
+    if decoded_gb > cfg.memory_limit_gb:
+        return _streamed(train_samples, test_samples, classes, channels, size, cfg)
     x, y = _decode(train_samples, channels, size)
     if test_dir is None:
         keep, held = stratified_split(y, cfg.test_fraction, SPLIT_SEED)

@@ -16,7 +16,10 @@ from vae_cli.evaluate import evaluate, log_likelihood
 from vae_cli.metrics import rejection_threshold
 from vae_cli.recipe import Recipe
 from vae_cli.runtime import Runtime
+from vae_cli.streaming import is_lazy
 
+# A streamed dataset's classifier stage decodes at most this many labelled images into memory.
+STREAMED_FIT_IMAGES = 50_000
 # Test images scored to report the false-reject rate that the held-out threshold gives on new data.
 REJECT_CHECK_IMAGES = 2000
 
@@ -48,8 +51,12 @@ def calibrate_rejection(model, data: Dataset, recipe: Recipe, rt: Runtime) -> di
 def finish(model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, rows: list[dict],
            reporter: Reporter, seconds: float, d: Dist) -> dict:
     torch.manual_seed(recipe.seed + 1)
-    lab = data.labelled.to(rt.device)
-    head = model.fit_classifier(data.train_x.to(rt.device)[lab], data.train_y.to(rt.device)[lab],
+    lab = data.labelled
+    if is_lazy(data.train_x) and len(lab) > STREAMED_FIT_IMAGES:  # do not decode a whole streamed dataset
+        lab = lab[torch.randperm(len(lab), generator=torch.Generator().manual_seed(recipe.seed))[:STREAMED_FIT_IMAGES]]
+        reporter.log(f"fitting the classifier on {len(lab)} of the {len(data.labelled)} labelled images "
+                     f"(the dataset streams from disk)")
+    head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
                                 recipe.train.head_steps, 256)
     checksums = [int(c) for c in d.gather(torch.tensor([distributed.checksum(model)], device=rt.device))]
     if len(set(checksums)) > 1:

@@ -35,6 +35,7 @@ from vae_cli.models.base import Batch
 from vae_cli.recipe import Recipe
 from vae_cli.runlock import RunLock
 from vae_cli.runtime import Runtime, resolve, seed_everything
+from vae_cli.streaming import is_lazy
 
 # Per-epoch numbers in metrics.csv use the first test images only, so a 10,000-image test set does not
 # dominate epoch time; the final evaluation uses the whole split.
@@ -176,17 +177,18 @@ class Loop:
         t = torch.bernoulli(t) if self.stochastic else t
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
-    def _step(self, idx: torch.Tensor) -> dict[str, float] | None:
-        """One optimisation step; None when a non-finite batch was skipped."""
-        tc, p = self.recipe.train, self.progress
-        idx = self.d.shard(idx)
+    def _step(self, idx: torch.Tensor, xb: torch.Tensor | None = None) -> dict[str, float] | None:
+        """One optimisation step on this rank's indices `idx` (their images `xb` when the dataset streams
+        and they were decoded ahead); None when a non-finite batch was skipped."""
+        tc, p, dev = self.recipe.train, self.progress, self.rt.device
         if self.model.needs_labelled_batch:
-            lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(self.rt.device)]
+            lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(dev)]
             lab = self.d.shard(lab)
-            x_lab, y_lab = self._aug(self.x[lab]), self.y[lab]
+            x_lab, y_lab = self._aug(self.x[lab].to(dev)), self.y[lab]
         else:
-            x_lab, y_lab = self.x[:0], self.y[:0]
-        batch = Batch(self._aug(self.x[idx]), self.y[idx], self.labelled[idx], x_lab, y_lab)
+            x_lab, y_lab = self.x[:0].to(dev), self.y[:0]
+        x = self.x[idx] if xb is None else xb.to(dev, non_blocking=True)
+        batch = Batch(self._aug(x), self.y[idx], self.labelled[idx], x_lab, y_lab)
         kl_weight = min(1.0, (p.step + 1) / self.warmup) if self.warmup else 1.0
         with self.rt.autocast():
             # a tensor, not a float: torch.compile would recompile for every warm-up value
@@ -253,10 +255,14 @@ class Loop:
             self.perm = torch.randperm(len(self.x), generator=self.gen).to(rt.device)
             p.sums, p.epoch_seconds, p.order_drawn = {}, 0.0, True
         t0 = time.perf_counter()
-        for i in range(p.step_in_epoch, self.steps_per_epoch):
+        steps = range(p.step_in_epoch, self.steps_per_epoch)
+        shards = [self.d.shard(self.perm[i * self.bs:(i + 1) * self.bs]) for i in steps]
+        # a streamed dataset: worker processes decode the coming batches while this one trains
+        ahead = self.x.batches([s.cpu().numpy() for s in shards]) if is_lazy(self.x) else None
+        for i, mine in zip(steps, shards):
             self._stop_if_signalled(flag)
             idx = self.perm[i * self.bs:(i + 1) * self.bs]
-            terms = self._step(idx)
+            terms = self._step(mine, next(ahead) if ahead is not None else None)
             self.sched.step()
             p.step += 1
             p.step_in_epoch = i + 1

@@ -1,0 +1,96 @@
+"""Image files that stay on disk: folder datasets too large to decode into memory.
+
+`FileImages` stands where a (N, C, H, W) tensor would: it has `len`, `shape`, `ndim`, indexing (which
+decodes the chosen files and returns a tensor) and `split(n)` (decoded batches, in order, from a
+DataLoader with worker processes). The training loop asks `batches()` for the epoch's batches, so the
+next ones decode in `workers` processes while the model trains on the current one. Every file goes
+through `images.load_image`, exactly as when the whole set is decoded up front, so a streamed run and an
+in-memory run of the same recipe train on identical tensors (a test compares their weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vae_cli.errors import DataError, ImageError
+from vae_cli.images import load_image
+
+
+def decode_files(paths, channels: int, size: tuple[int, int]) -> Tensor:
+    arrays = []
+    for p in paths:
+        try:
+            arrays.append(load_image(p, channels, size))
+        except ImageError as e:
+            raise DataError(f"{e} (found while streaming the folder dataset; remove or replace the file)") from None
+    if not arrays:
+        return torch.empty(0, channels, *size)
+    return torch.from_numpy(np.stack(arrays))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item i = the decoded batch of files batches[i] (one worker decodes one whole batch)."""
+
+    def __init__(self, images: FileImages, batches: list[np.ndarray]):
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[self.batches[i]]
+
+
+class FileImages:
+    """A lazily decoded image set: file paths plus how to decode them."""
+
+    def __init__(self, paths: list[str] | np.ndarray, channels: int, size: tuple[int, int], workers: int):
+        self.paths = np.asarray(paths, dtype=object)
+        self.channels, self.size, self.workers = channels, tuple(size), workers
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.paths), self.channels, *self.size)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def subset(self, index) -> FileImages:
+        """The files at `index` (array of positions or a slice), still on disk."""
+        return FileImages(self.paths[index], self.channels, self.size, self.workers)
+
+    def __getitem__(self, index) -> Tensor:
+        if isinstance(index, Tensor):
+            index = index.cpu().numpy()
+        if isinstance(index, (int, np.integer)):
+            return decode_files([self.paths[index]], self.channels, self.size)[0]
+        return decode_files(self.paths[index], self.channels, self.size)
+
+    def to(self, *args, **kwargs) -> FileImages:
+        """Stays on disk; each decoded batch is moved where it is needed."""
+        return self
+
+    def batches(self, index_batches: list[np.ndarray]):
+        """Decoded batches in the given order, `workers` processes decoding ahead of the consumer."""
+        # Its own generator: a DataLoader draws a worker seed from the global RNG otherwise, which would
+        # shift the training noise (augmentation, z draws) away from the in-memory run's.
+        loader = torch.utils.data.DataLoader(
+            _Batches(self, index_batches), batch_size=None, shuffle=False, num_workers=self.workers,
+            prefetch_factor=4 if self.workers else None, persistent_workers=False,
+            generator=torch.Generator().manual_seed(0))
+        yield from loader
+
+    def split(self, n: int):
+        """Like Tensor.split: consecutive decoded batches of n images."""
+        starts = range(0, len(self), n)
+        yield from self.batches([np.arange(s, min(s + n, len(self))) for s in starts])
+
+
+def is_lazy(x) -> bool:
+    return isinstance(x, FileImages)
