@@ -22,14 +22,15 @@ test: $(STAMP)
 # The main job on the embedded digits set: train, evaluate, sample, classify real PNG files.
 demo: $(STAMP)
 	$(VAE) train recipes/digits.yaml --name digits --exist-ok
-	$(VAE) eval $(RUN)/model.safetensors
+	$(VAE) eval $(RUN)/model.safetensors --iw-samples 1000 --probe-labels 10
 	$(VAE) sample $(RUN)/model.safetensors -n 64 -o $(RUN)/sample-grid.png
 	$(VAE) sample $(RUN)/model.safetensors -n 36 --class 3 -o $(RUN)/threes.png
 	$(VAE) sample $(RUN)/model.safetensors --reconstruct -n 32 -o $(RUN)/reconstructions.png
 	$(PY) scripts/export_digits.py $(RUN)/images --count 20 > /dev/null
-	$(VAE) classify $(RUN)/model.safetensors $(RUN)/images --top-k 2
+	$(VAE) sample $(RUN)/model.safetensors --interpolate $(RUN)/images/0/0036.png $(RUN)/images/6/0065.png -o $(RUN)/zero-to-six.png
+	$(VAE) classify $(RUN)/model.safetensors $(RUN)/images --top-k 2 --reject
 	$(VAE) info $(RUN)/model.safetensors
-	@echo "demo outputs are in $(RUN)/ (model.safetensors, metrics.csv, *.png, images/)"
+	@echo "demo outputs are in $(RUN)/ (report.html, model.safetensors, metrics.csv, *.png, images/)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check vae_cli tests scripts

@@ -130,6 +130,11 @@ def info(
             ("latent dim", r["model"]["latent_dim"]), ("likelihood", r["model"]["likelihood"]),
             ("labelled images", meta["labelled_count"]), ("version", meta["version"]), ("created", meta["created"])]
     rows += [(f"metric {k}", v) for k, v in meta.get("metrics", {}).items()]
+    rej = meta.get("reject")
+    if rej:
+        test = "" if rej.get("test_reject_rate") is None else f"; {rej['test_reject_rate']:.1%} of test images"
+        rows.append(("--reject threshold", f"log p(x) < {rej['threshold']:.3f} nats ({rej['rate']:.1%} of "
+                     f"{rej['holdout_images']} held-out images{test})"))
     show.table(None, rows)
 
 
