@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = key("vae", "model family from the registry: vae | m2 | m1m2 (see `vae info --models`)")
+    name: str = key("vae", "model family from the registry: vae | iwae | m2 | m1m2 (see `vae info --models`)")
     backbone: str = key("small", "encoder/classifier network: small (conv) | deep (conv 32..1024 + batch "
                                  "norm) | mlp", choices=("small", "deep", "mlp"))
     decoder: str | None = key(None, "decoder network: small | deep | mlp (null: same as backbone)",
@@ -81,6 +81,8 @@ class ModelConfig:
     threshold: float = key(0.95, "M2: confidence above which a prediction becomes a pseudo-label",
                            min=0.0, max=1.0)
     dropout: float = key(0.3, "dropout before the classifier's last layer", min=0.0, max=0.95)
+    iw_samples: int = key(5, "iwae: importance samples per image in the training bound (Burda et al. 2016)",
+                          min=1, max=1024)
 
 
 @dataclass(frozen=True)

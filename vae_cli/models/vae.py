@@ -57,15 +57,20 @@ class VAE(Model):
         out = self.decoder(losses.reparameterize(mu, logvar))
         return {"recon": self.likelihood.nll(out, x), "kl": losses.gaussian_kl(mu, logvar)}
 
-    def log_weights(self, x, k, levels=None):
+    def log_weight_parts(self, x: Tensor, k: int, levels: int | None = None) -> tuple[Tensor, Tensor]:
+        """(B, k) each: -log p(x|z) and log q(z|x) - log p(z) for k draws z ~ q(z|x)."""
         mu, logvar = self.encode(x)
         b = x.shape[0]
         mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)
         z = losses.reparameterize(mu_k, logvar_k)
         nll = self.likelihood.nll(self.decoder(z), x.repeat_interleave(k, 0), levels)
         zeros = torch.zeros_like(z)
-        log_w = -nll + losses.gaussian_log_density(z, zeros, zeros) - losses.gaussian_log_density(z, mu_k, logvar_k)
-        return log_w.view(b, k)
+        log_ratio = losses.gaussian_log_density(z, mu_k, logvar_k) - losses.gaussian_log_density(z, zeros, zeros)
+        return nll.view(b, k), log_ratio.view(b, k)
+
+    def log_weights(self, x, k, levels=None):
+        nll, log_ratio = self.log_weight_parts(x, k, levels)
+        return -nll - log_ratio
 
     def latent_means(self, x):
         return self.encode(x)[0]
@@ -124,3 +129,14 @@ class VAE(Model):
     def reconstruct(self, x):
         mu, _ = self.encode(x)
         return self.likelihood.mean(self.decoder(mu))
+
+
+@register("iwae")
+class IWAE(VAE):
+    """The VAE trained on the k-sample importance-weighted bound (Burda, Grosse & Salakhutdinov 2016)."""
+
+    def loss(self, batch, kl_weight):
+        # KL warm-up weights the prior/posterior ratio inside every weight (an annealed bound)
+        nll, log_ratio = self.log_weight_parts(batch.x, self.cfg.iw_samples)
+        bound = losses.iwae_bound(-nll - kl_weight * self.cfg.beta * log_ratio)
+        return {"loss": -bound.mean(), "recon": nll.mean(), "kl": log_ratio.mean()}
