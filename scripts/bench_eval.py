@@ -37,7 +37,8 @@ PUBLISHED = {"VAE (pythae)": 89.78, "IWAE k=50 (pythae)": 86.82, "VAMP (pythae)"
 
 
 def run(args: list[str]) -> tuple[dict | list, float]:
-    print("$ vae " + " ".join(args), file=sys.stderr, flush=True)
+    line = "$ vae " + " ".join(args)
+    print(line if len(line) < 300 else line[:300] + f" ... ({len(args)} arguments)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run([*VAE, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:

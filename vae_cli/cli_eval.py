@@ -84,11 +84,15 @@ def plot(
                                                               "(default: the weights file's folder)."),
     iw_samples: int = typer.Option(0, "--iw-samples", "-k", min=0, max=100_000,
                                    help="Also put the IWAE NLL with this many samples in the report."),
+    latent_map: str | None = typer.Option(None, "--map", help="tsne | pca: the latent map's projection "
+                                                              "(default: the recipe's train.latent_map)."),
     device: Device = typer.Option(Device.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the paths written."),
 ) -> None:
     """Draw the run's pictures again (samples, by class, reconstructions, interpolations, latent map,
     training curves from metrics.csv beside the weights, confusion matrix) and report.html."""
+    if latent_map not in (None, "tsne", "pca"):
+        raise UsageError(f"--map must be tsne or pca, got '{latent_map}'")
     from vae_cli import report
     from vae_cli.evaluate import evaluate
 
@@ -97,7 +101,7 @@ def plot(
     metrics = evaluate(model, data.test_x, data.test_y, meta["classes"], rt, iw_samples=iw_samples,
                        levels=data.levels)
     written = report.write_run_pictures(model, data, meta["recipe_obj"], rt, out, metrics,
-                                        weights.parent / "metrics.csv")
+                                        weights.parent / "metrics.csv", latent_map)
     if as_json:
         show.print_json({"weights": str(weights), "written": written})
     else:

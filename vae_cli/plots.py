@@ -30,10 +30,17 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def project_2d(z: np.ndarray) -> tuple[np.ndarray, str]:
-    """Latent means -> 2-D: as they are when the code is 2-D, else their first two principal components."""
+def project_2d(z: np.ndarray, method: str = "tsne") -> tuple[np.ndarray, str]:
+    """Latent means -> 2-D: as they are when the code is 2-D; else t-SNE (van der Maaten & Hinton 2008,
+    initialised from PCA, seeded), which keeps neighbourhoods and so shows clusters, or the first two
+    principal components, which keep global distances but often overlap classes."""
     if z.shape[1] <= 2:
         return np.pad(z, ((0, 0), (0, 2 - z.shape[1]))), "z"
+    if method == "tsne" and len(z) > 5:
+        from sklearn.manifold import TSNE
+
+        tsne = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30.0, (len(z) - 1) / 3))
+        return tsne.fit_transform(z), "t-SNE"
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=2, random_state=0).fit(z)
@@ -41,9 +48,9 @@ def project_2d(z: np.ndarray) -> tuple[np.ndarray, str]:
     return pca.transform(z), f"PCA ({share:.0%} of variance)"
 
 
-def latent_map(z: np.ndarray, y: np.ndarray, classes: list[str], path: Path) -> Path:
+def latent_map(z: np.ndarray, y: np.ndarray, classes: list[str], path: Path, method: str = "tsne") -> Path:
     """Scatter of the 2-D projection of latent means, one colour per class."""
-    xy, how = project_2d(z)
+    xy, how = project_2d(z, method)
     plt, fig = _figure(6.4, 5.6)
     ax = fig.add_subplot(1, 1, 1)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -51,8 +58,9 @@ def latent_map(z: np.ndarray, y: np.ndarray, classes: list[str], path: Path) -> 
         sel = y == i
         ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=c)
     ax.set_title(f"Latent means of {len(y)} test images: {how}")
-    ax.set_xlabel(f"{'PC' if how.startswith('PCA') else 'z'} 1")
-    ax.set_ylabel(f"{'PC' if how.startswith('PCA') else 'z'} 2")
+    axis = {"z": "z", "t-SNE": "t-SNE"}.get(how, "PC")
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=8, loc="best", ncol=2)
     return _save(plt, fig, path)

@@ -20,7 +20,7 @@ from vae_cli.evaluate import latent_means
 from vae_cli.recipe import Recipe
 from vae_cli.runtime import Runtime
 
-MAP_IMAGES = 5000  # test images in the latent map
+MAP_IMAGES = {"tsne": 2000, "pca": 5000}  # test images in the latent map (t-SNE grows ~n log n, slowly)
 PER_CLASS = 10  # samples per class in samples-by-class.png
 RECON_IMAGES = 32
 INTERP_PAIRS, INTERP_STEPS = 8, 10
@@ -39,8 +39,9 @@ CAPTIONS = {
 
 @torch.no_grad()
 def write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out_dir: Path, metrics: dict,
-                       metrics_csv: Path | None = None) -> dict[str, str]:
-    """Write every picture and report.html into out_dir; returns {name: path} of what was written."""
+                       metrics_csv: Path | None = None, latent_map: str | None = None) -> dict[str, str]:
+    """Write every picture and report.html into out_dir; returns {name: path} of what was written.
+    `latent_map` (tsne | pca) overrides the recipe's train.latent_map."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -59,8 +60,10 @@ def write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out_di
         a, b = pictures.pair_indices(y, INTERP_PAIRS)
         rows = pictures.interpolation(model, x[a].to(rt.device), x[b].to(rt.device), INTERP_STEPS)
         written["interpolation"] = pictures.save_grid(rows, out_dir / "interpolation.png", nrow=INTERP_STEPS + 2)
-    z = latent_means(model, x[:MAP_IMAGES], rt).numpy()
-    written["latent_map"] = plots.latent_map(z, y[:MAP_IMAGES].numpy(), data.classes, out_dir / "latent-map.png")
+    method = latent_map or recipe.train.latent_map
+    n = MAP_IMAGES[method]
+    z = latent_means(model, x[:n], rt).numpy()
+    written["latent_map"] = plots.latent_map(z, y[:n].numpy(), data.classes, out_dir / "latent-map.png", method)
     if metrics_csv is not None and Path(metrics_csv).is_file():
         written["curves"] = plots.training_curves(plots.read_metrics_csv(Path(metrics_csv)), out_dir / "curves.png",
                                                    accuracy=model.needs_labelled_batch)
