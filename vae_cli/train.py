@@ -279,16 +279,19 @@ class Loop:
         test = evaluate(self.model, self.data.test_x[:EPOCH_EVAL], self.data.test_y[:EPOCH_EVAL],
                         self.data.classes, rt)
         n = len(self.x)
+        # models whose classifier is fitted after the loop (the VAE's M1 head) have no accuracy to report yet
+        acc = round(test["accuracy"], 4) if self.model.needs_labelled_batch else ""
         keys = sorted(k for k in p.sums if k != "kl_weight")
         totals = self.d.sum_(torch.tensor([p.sums[k] for k in keys], dtype=torch.float64, device=rt.device)).tolist()
         row = {"epoch": p.epoch, "step": p.step,
                **{f"train_{k}": round(v / n, 5) for k, v in zip(keys, totals)},
                "kl_weight": round(min(1.0, p.step / self.warmup) if self.warmup else 1.0, 4),
                "lr": f"{self.sched.get_last_lr()[0]:.3g}", "test_elbo": round(test["elbo"], 4),
-               "test_accuracy": round(test["accuracy"], 4), "seconds": round(p.epoch_seconds, 3)}
+               "test_accuracy": acc, "seconds": round(p.epoch_seconds, 3)}
         p.rows.append(row)
+        shown = f"  acc {acc:.4f}" if acc != "" else ""
         self.reporter.log(f"epoch {p.epoch}/{tc.epochs}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
-                          f"{row['test_elbo']:.3f}  acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s")
+                          f"{row['test_elbo']:.3f}{shown}  {row['seconds']:.1f}s")
         p.epoch, p.step_in_epoch, p.order_drawn = p.epoch + 1, 0, False
         if self.d.is_main:
             fsutil.write_text(self.paths["metrics"], _csv_text(p.rows))
