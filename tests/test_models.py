@@ -184,3 +184,27 @@ def test_iwae_bound_tightens_with_k_and_matches_the_vae_at_k1():
     vae, k1, k20 = mean_loss("vae", 1), mean_loss("iwae", 1), mean_loss("iwae", 20)
     assert k1 == pytest.approx(vae, rel=0.01)  # analytic KL vs sampled log-ratio: same expectation
     assert k20 < k1 - 0.05
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_evaluation_interface(name, likelihood):
+    """log_weights / latent_means / decode_latents: what eval, --reject, probes and pictures call."""
+    from vae_cli.pictures import class_samples, interpolation
+
+    model = _model(name, (1, 8, 8), likelihood=likelihood).eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        log_w = model.log_weights(x, 7, levels=17)
+        assert log_w.shape == (3, 7) and torch.isfinite(log_w).all()
+        # K = 1 weights are single-sample ELBO estimates: on average near the ELBO
+        one = torch.stack([model.log_weights(x, 1)[:, 0] for _ in range(300)]).mean(0)
+        parts = model.elbo_parts(x)
+        elbo = -(parts["recon"] + parts["kl"])
+        assert torch.allclose(one, elbo, rtol=0.05, atol=1.0), (one, elbo)
+        z = model.latent_means(x)
+        assert z.shape == (3, 4)
+        assert model.decode_latents(z).shape == (3, 1, 8, 8)
+        row = interpolation(model, x[:2], x[1:], steps=5)
+        assert row.shape == (2 * 7, 1, 8, 8) and torch.equal(row[0], x[0]) and torch.equal(row[6], x[1])
+        assert class_samples(model, 2).shape == (20, 1, 8, 8)
