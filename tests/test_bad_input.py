@@ -130,6 +130,12 @@ CASES = [
     ("sample-not-png", lambda t, w: ["sample", W, "-o", str(t / "s.jpg")], 2, "must end in .png"),
     ("eval-split", lambda t, w: ["eval", W, "--split", "val"], 2, "--split must be one of test, train, holdout"),
     ("info-nothing", lambda t, w: ["info"], 2, "give a weights file"),
+    ("interpolate-bad-image", lambda t, w: ["sample", W, "--interpolate", str(_bytes(t, b"x", "a.png")),
+                                            str(_bytes(t, b"y", "b.png")), "-o", str(t / "o.png")], 2,
+     "a.png' is not an image"),
+    ("interpolate-with-reconstruct", lambda t, w: ["sample", W, "--interpolate", "a.png", "b.png",
+                                                   "--reconstruct"], 2, "leave out --reconstruct"),
+    ("plot-map", lambda t, w: ["plot", W, "--map", "umap", "--out", str(t)], 2, "--map must be tsne or pca"),
 ]
 
 
@@ -176,6 +182,8 @@ def test_bad_input(case, tmp_path, tiny_run, runner):
     (["classify"], "Missing argument 'weights'"),
     (["sample", "x.safetensors", "-n", "0"], "Invalid value for '-n'"),
     (["classify", "x.safetensors", "a.png", "--top-k", "0"], "Invalid value for '--top-k'"),
+    (["classify", "x.safetensors", "a.png", "--reject-rate", "0.9"], "Invalid value for '--reject-rate'"),
+    (["eval", "x.safetensors", "--iw-samples", "-1"], "Invalid value for '--iw-samples'"),
     (["classify", "x.safetensors", "a.png", "--format", "xml"], "Invalid value for '--format'"),
     (["bogus"], "No such command 'bogus'"),
 ])

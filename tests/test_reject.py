@@ -93,3 +93,5 @@ def test_reject_without_calibration_is_one_clear_error(tmp_path, runner, files):
     assert bad.exit_code == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.holdout_fraction" in lines[0] and "Traceback" not in bad.output
+    split = runner.invoke(app, ["eval", str(tmp_path / "tiny" / "model.safetensors"), "--split", "holdout"])
+    assert split.exit_code == 2 and "holds no images out" in split.stderr
