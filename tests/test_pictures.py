@@ -90,6 +90,7 @@ def test_report_inlines_every_picture(digits_run):
     assert len(images) == len(PICTURES)
     assert {base64.b64decode(i) for i in images} == {(digits_run / n).read_bytes() for n in PICTURES}
     assert "accuracy" in page and "active units" in page and "latent_dim" in page  # metrics and recipe
+    assert "trained on</td><td>cpu/" in page and "--reject threshold" in page  # facts about the run
 
 
 def test_plot_rebuilds_the_same_pictures(digits_run, tmp_path, runner):

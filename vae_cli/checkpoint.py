@@ -9,6 +9,10 @@ Metadata keys (all JSON strings except `format` and `version`):
   image_shape  [C, H, W] the model takes
   preprocess   how image files are turned into inputs (channels, size, value range)
   metrics      final evaluation numbers
+  labelled_indices  training images whose labels were used
+  reject       the `classify --reject` calibration: threshold, rate, samples, sorted held-out scores
+  runtime      device, precision and process count of the training run
+  head         the classifier stage's last loss
   created      UTC timestamp
 Never pickle: tensors go through safetensors only.
 """
@@ -24,7 +28,8 @@ from vae_cli import __version__
 from vae_cli.errors import CheckpointError, RecipeError
 
 FORMAT = "vae-cli/1"
-JSON_KEYS = ("recipe", "classes", "image_shape", "preprocess", "metrics", "labelled_indices", "reject")
+JSON_KEYS = ("recipe", "classes", "image_shape", "preprocess", "metrics", "labelled_indices", "reject", "runtime",
+             "head")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def plot(
     metrics = evaluate(model, data.test_x, data.test_y, meta["classes"], rt, iw_samples=iw_samples,
                        levels=data.levels)
     written = report.write_run_pictures(model, data, meta["recipe_obj"], rt, out, metrics,
-                                        weights.parent / "metrics.csv", latent_map)
+                                        weights.parent / "metrics.csv", latent_map,
+                                        run=report.run_facts({**meta, "path": str(weights)}))
     if as_json:
         show.print_json({"weights": str(weights), "written": written})
     else:

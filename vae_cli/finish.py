@@ -81,7 +81,9 @@ def finish(model, data: Dataset, recipe: Recipe, rt: Runtime, paths: dict, rows:
                         "reject": reject})
     from vae_cli import report
 
+    facts = report.run_facts({"path": str(paths["weights"]), "metrics": summary, "reject": reject,
+                              "runtime": {"device": rt.device.type, "precision": rt.precision, "processes": d.world}})
     result["paths"].update(report.write_run_pictures(model, data, recipe, rt, paths["run_dir"], metrics,
-                                                     paths["metrics"]))
+                                                     paths["metrics"], run=facts))
     reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
     return result

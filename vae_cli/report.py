@@ -39,9 +39,11 @@ CAPTIONS = {
 
 @torch.no_grad()
 def write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out_dir: Path, metrics: dict,
-                       metrics_csv: Path | None = None, latent_map: str | None = None) -> dict[str, str]:
+                       metrics_csv: Path | None = None, latent_map: str | None = None,
+                       run: dict | None = None) -> dict[str, str]:
     """Write every picture and report.html into out_dir; returns {name: path} of what was written.
-    `latent_map` (tsne | pca) overrides the recipe's train.latent_map."""
+    `latent_map` (tsne | pca) overrides the recipe's train.latent_map; `run` (label -> value) adds facts
+    about the run (time, device, the --reject threshold) to the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -68,8 +70,7 @@ def write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out_di
         written["curves"] = plots.training_curves(plots.read_metrics_csv(Path(metrics_csv)), out_dir / "curves.png",
                                                    accuracy=model.needs_labelled_batch)
     written["confusion"] = plots.confusion(metrics["confusion_matrix"], data.classes, out_dir / "confusion.png")
-    written["report"] = write_report(out_dir / "report.html", recipe, metrics,
-                                     [p for k, p in written.items()])
+    written["report"] = write_report(out_dir / "report.html", recipe, metrics, list(written.values()), run)
     return {k: str(v) for k, v in written.items()}
 
 
@@ -95,8 +96,20 @@ def _table(rows: list[tuple[str, ...]], head: tuple[str, ...] | None = None) -> 
     return f"<table>{th}{body}</table>"
 
 
-def write_report(path: Path, recipe: Recipe, metrics: dict, images: list[Path]) -> Path:
-    """A self-contained HTML page: recipe, metrics, per-class table and every picture."""
+def run_facts(meta: dict) -> dict[str, str]:
+    """Report rows from a weights file's metadata (or the same values at the end of training)."""
+    facts = {"weights file": meta.get("path", ""), "created": meta.get("created", ""),
+             "trained on": "{device}/{precision}, {processes} process(es)".format(**meta["runtime"])
+             if meta.get("runtime") else "", "training seconds": str(meta.get("metrics", {}).get("train_seconds", ""))}
+    rej = meta.get("reject")
+    if rej:
+        facts["--reject threshold"] = (f"log p(x) < {rej['threshold']:.3f} nats: {rej['rate']:.1%} of "
+                                       f"{rej['holdout_images']} held-out training images")
+    return {k: v for k, v in facts.items() if v}
+
+
+def write_report(path: Path, recipe: Recipe, metrics: dict, images: list[Path], run: dict | None = None) -> Path:
+    """A self-contained HTML page: run facts, recipe, metrics, per-class table and every picture."""
     figures = []
     for p in images:
         data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
@@ -117,6 +130,7 @@ pre {{ background: #f7f7f7; padding: 1em; overflow: auto; }}
 </style></head>
 <body data-images-loaded="0">
 <h1>{title}</h1>
+{_table(list((run or {}).items()))}
 <h2>Test metrics</h2>
 {_table(_metric_rows(metrics))}
 <h2>Per class</h2>
