@@ -22,7 +22,7 @@ from vae_cli.runtime import Runtime
 
 MAP_IMAGES = {"tsne": 2000, "pca": 5000}  # test images in the latent map (t-SNE grows ~n log n, slowly)
 PER_CLASS = 10  # samples per class in samples-by-class.png
-RECON_IMAGES = 32
+RECON_IMAGES = 36  # 6 rows of 6 pairs: a full grid
 INTERP_PAIRS, INTERP_STEPS = 8, 10
 
 # file name -> caption, in report order
