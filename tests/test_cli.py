@@ -162,7 +162,11 @@ def test_help_does_not_import_torch():
            "try: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
-    for cmd in ("train", "eval", "sample", "classify", "info"):
+    from vae_cli.cli import app
+
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"train", "eval", "plot", "sample", "classify", "info"} <= set(commands)
+    for cmd in commands:
         code = f"import sys; from vae_cli.cli import app; sys.argv=['vae','{cmd}','--help'];\n" \
                "try: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
