@@ -189,3 +189,12 @@ def test_iwae_converges_to_the_exact_likelihood_of_a_2d_latent_model():
         k1, k5000 = iwae(1), iwae(5000)
     assert torch.allclose(k5000, exact, atol=0.05), (k5000, exact)
     assert (k1 < exact + 0.05).all()
+
+
+def test_eval_reports_iwae_progress_on_stderr_only(tiny_run, runner):
+    weights = str(tiny_run / "model.safetensors")
+    res = runner.invoke(app, ["eval", weights, "--json", "--iw-samples", "5"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["nll"]["iw_samples"] == 5  # stdout: only the JSON
+    assert "IWAE K=5: 359/359 images" in res.stderr
+    quiet = runner.invoke(app, ["eval", weights, "--json", "--iw-samples", "5", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""

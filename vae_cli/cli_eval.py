@@ -52,6 +52,7 @@ def eval_(
                                         help="fp32 (default: exact log-likelihoods) | bf16 | fp16 | auto."),
     seed: int = typer.Option(0, "--seed", help="Seed of the ELBO's and IWAE's latent draws."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object; keys documented in docs/METRICS.md."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Likelihood (IWAE NLL, bits/dim, ELBO, KL, active units) and classification numbers (accuracy,
     per-class precision/recall/F1, calibration, confusion matrix; latent probes with --probe-labels)."""
@@ -67,8 +68,15 @@ def eval_(
     x, y = (x[:limit], y[:limit]) if limit else (x, y)
     r = meta["recipe_obj"]
     probe = _probe_set(data, probe_labels, r.seed) if probe_labels else None
-    res = evaluate(model, x, y, meta["classes"], rt, seed=seed, iw_samples=iw_samples, levels=data.levels,
-                   probe=probe)
+    from vae_cli.console import Reporter
+
+    reporter = Reporter(quiet=quiet)
+    progress = reporter.counter(len(x), f"IWAE K={iw_samples}") if iw_samples else None
+    try:
+        res = evaluate(model, x, y, meta["classes"], rt, seed=seed, iw_samples=iw_samples, levels=data.levels,
+                       probe=probe, progress=progress)
+    finally:
+        reporter.stop()
     res = {"weights": str(weights), "split": split, "precision": rt.precision, **res}
     if as_json:
         show.print_json(res)

@@ -4,6 +4,7 @@ stays readable). Results go to stdout from the CLI, never from here."""
 from __future__ import annotations
 
 import sys
+import time
 
 
 class Reporter:
@@ -41,3 +42,20 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def counter(self, total: int, description: str):
+        """A callable advancing by n items: the progress bar on a terminal, otherwise a log line at every
+        tenth of the way (long evaluations say how far they are, in cron mail too). Call .stop() after."""
+        self.start(total, description)
+        state = {"done": 0, "shown": 0, "t0": time.perf_counter()}
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            self.step(n)
+            tenth = state["done"] * 10 // max(1, total)
+            if self._progress is None and tenth > state["shown"]:
+                state["shown"] = tenth
+                self.log(f"{description}: {state['done']}/{total} images, {time.perf_counter() - state['t0']:.0f}s")
+
+        return advance
+

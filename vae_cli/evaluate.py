@@ -5,6 +5,7 @@ checked against it by tests/test_metrics.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -48,21 +49,23 @@ def seeded(seed: int, runtime: Runtime):
 
 @torch.no_grad()
 def log_likelihood(model, x: Tensor, k: int, levels: int | None, runtime: Runtime, batch_size: int = 256,
-                   seed: int = 0) -> Tensor:
-    """Per-image IWAE estimates of log p(x) (nats), on the CPU."""
+                   seed: int = 0, progress: Callable[[int], None] | None = None) -> Tensor:
+    """Per-image IWAE estimates of log p(x) (nats), on the CPU; `progress(n)` after every n images."""
     model.eval()
     out = []
     with seeded(seed, runtime):
         for xb in x.split(batch_size):
             xb = xb.to(runtime.device, non_blocking=True)
             out.append(metrics.iwae_log_likelihood(model, xb, k, levels, runtime.autocast).cpu())
+            if progress is not None:
+                progress(len(xb))
     return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
 def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, *, batch_size: int = 512,
              seed: int = 0, iw_samples: int = 0, levels: int | None = None,
-             probe: tuple[Tensor, Tensor] | None = None) -> dict:
+             probe: tuple[Tensor, Tensor] | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """All numbers for one split. `iw_samples` > 0 adds the IWAE negative log-likelihood; `probe`, the
     labelled training images (x, y) to fit a linear probe and a kNN vote on latent means."""
     model.eval()
@@ -83,7 +86,7 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, 
            "kl": kl_t.mean().item(), "latent_dim": means_t.shape[1], "active_units": metrics.active_units(means_t),
            **metrics.classification(torch.cat(probs).numpy(), y_np, classes), "nll": None, "probe": None}
     if iw_samples > 0:
-        ll = log_likelihood(model, x, iw_samples, levels, runtime, seed=seed + 1)
+        ll = log_likelihood(model, x, iw_samples, levels, runtime, seed=seed + 1, progress=progress)
         nats = -ll.mean().item()
         dims = int(np.prod(x.shape[1:]))
         res["nll"] = {"nats": nats, "bits_per_dim": metrics.bits_per_dim(nats, dims),
