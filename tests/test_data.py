@@ -27,6 +27,12 @@ def test_holdout_is_stratified_fixed_and_kept_out_of_training():
     assert none.holdout_x is None and len(none.train_x) == len(a.train_x) + len(a.holdout_x)
 
 
+def test_holdout_never_takes_a_class_s_last_image():
+    y = np.array([0, 0, 0, 0, 1, 2, 2])
+    keep, held = stratified_split(y, 0.5, 0, keep_one=True)
+    assert set(y[keep]) == {0, 1, 2} and 1 not in set(y[held]) and len(held) == 3
+
+
 @pytest.mark.parametrize("mode", ["threshold", "stochastic"])
 def test_binarized_data_is_binary_and_fixed(mode):
     d = build_dataset(DataConfig(binarize=mode), seed=0)

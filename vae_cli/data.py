@@ -51,13 +51,16 @@ def register_dataset(name: str):
     return deco
 
 
-def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out) with `fraction` of every class held out (at least one per class)."""
+def stratified_split(y: np.ndarray, fraction: float, seed: int,
+                     keep_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with `fraction` of every class held out (at least one per class; with
+    `keep_one`, never a class's last image, so every class still trains)."""
     rng = np.random.RandomState(seed)
     held = []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        held.append(idx[: max(1, round(fraction * len(idx)))])
+        take = max(1, round(fraction * len(idx)))
+        held.append(idx[: min(take, len(idx) - 1) if keep_one else take])
     held_out = np.sort(np.concatenate(held))
     keep = np.setdiff1d(np.arange(len(y)), held_out)
     return keep, held_out
@@ -125,7 +128,7 @@ def build_dataset(cfg, seed: int) -> Dataset:
         train_x, train_y = _take(train_x, slice(0, cfg.train_limit)), train_y[: cfg.train_limit]
     hold_x = hold_y = None
     if cfg.holdout_fraction > 0:  # fixed like the test split: the same images whatever the seed
-        keep, held = stratified_split(train_y, cfg.holdout_fraction, SPLIT_SEED)
+        keep, held = stratified_split(train_y, cfg.holdout_fraction, SPLIT_SEED, keep_one=True)
         if len(keep) == 0:
             raise DataError(f"data.holdout_fraction={cfg.holdout_fraction} leaves no training images; lower it")
         hold_x, hold_y, train_x, train_y = _take(train_x, held), train_y[held], _take(train_x, keep), train_y[keep]
