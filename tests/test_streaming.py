@@ -80,3 +80,20 @@ def test_binarize_needs_memory(tmp_path, runner, folder):
                                                "memory_limit_gb": 0}}))
     res = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "runs")])
     assert res.exit_code == 2 and "data.memory_limit_gb" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_bad_file_found_while_streaming_is_one_line(tmp_path, runner, folder):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(folder, root)
+    (root / "class1" / "007.png").write_bytes(b"not a png")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"name": "folder", "root": str(root), "image_size": 12,
+                                               "memory_limit_gb": 0, "workers": 1},
+                                      "model": {"latent_dim": 4, "width": 8, "hidden": 32},
+                                      "train": {"epochs": 1, "batch_size": 16}}))
+    res = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path / "runs"), "--quiet"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert "007.png' is not an image" in lines[0] and "Traceback" not in res.stderr

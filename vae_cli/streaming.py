@@ -30,17 +30,33 @@ def decode_files(paths, channels: int, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Item i = the decoded batch of files batches[i] (one worker decodes one whole batch)."""
+class _Decode(torch.utils.data.Dataset):
+    """Item = the decoded batch of the file positions it is asked for (one worker decodes a whole batch).
+    A bad file comes back as its message, not as an exception: DataLoader would wrap a worker's exception
+    in the worker's traceback, and the user gets one line."""
 
-    def __init__(self, images: FileImages, batches: list[np.ndarray]):
-        self.images, self.batches = images, batches
+    def __init__(self, images: FileImages):
+        self.images = images
+
+    def __getitem__(self, positions: np.ndarray) -> Tensor | str:
+        try:
+            return self.images[positions]
+        except DataError as e:
+            return str(e)
+
+
+class _Order(torch.utils.data.Sampler):
+    """The index batches of the current epoch; set before each pass. It lives in the main process (workers
+    only receive the batches), so one persistent DataLoader serves every epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[self.batches[i]]
 
 
 class FileImages:
@@ -49,6 +65,7 @@ class FileImages:
     def __init__(self, paths: list[str] | np.ndarray, channels: int, size: tuple[int, int], workers: int):
         self.paths = np.asarray(paths, dtype=object)
         self.channels, self.size, self.workers = channels, tuple(size), workers
+        self._order, self._loader = _Order(), None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,14 +94,20 @@ class FileImages:
         return self
 
     def batches(self, index_batches: list[np.ndarray]):
-        """Decoded batches in the given order, `workers` processes decoding ahead of the consumer."""
-        # Its own generator: a DataLoader draws a worker seed from the global RNG otherwise, which would
-        # shift the training noise (augmentation, z draws) away from the in-memory run's.
-        loader = torch.utils.data.DataLoader(
-            _Batches(self, index_batches), batch_size=None, shuffle=False, num_workers=self.workers,
-            prefetch_factor=4 if self.workers else None, persistent_workers=False,
-            generator=torch.Generator().manual_seed(0))
-        yield from loader
+        """Decoded batches in the given order, `workers` processes decoding ahead of the consumer. The
+        workers persist from one call to the next (no process start-up per epoch)."""
+        if self._loader is None:
+            # Its own generator: a DataLoader draws a worker seed from the global RNG otherwise, which
+            # would shift the training noise (augmentation, z draws) away from the in-memory run's.
+            self._loader = torch.utils.data.DataLoader(
+                _Decode(self), sampler=self._order, batch_size=None, num_workers=self.workers,
+                prefetch_factor=4 if self.workers else None, persistent_workers=self.workers > 0,
+                generator=torch.Generator().manual_seed(0))
+        self._order.batches = list(index_batches)
+        for item in self._loader:
+            if isinstance(item, str):
+                raise DataError(item)
+            yield item
 
     def split(self, n: int):
         """Like Tensor.split: consecutive decoded batches of n images."""
