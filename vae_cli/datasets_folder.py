@@ -65,8 +65,11 @@ def _streamed(train_samples, test_samples, classes, channels, size, cfg):
     """The same splits as the decoded path, as FileImages (decoded batch by batch while training)."""
     from vae_cli.streaming import FileImages
 
+    # on 2 cores, 1 worker measured 1,442 images/s and 2 workers 1,291: the workers take the training's cores
+    workers = cfg.workers if cfg.workers is not None else max(1, min(4, (os.cpu_count() or 2) - 1))
+
     def files(samples):
-        return (FileImages([p for p, _ in samples], channels, size, cfg.workers),
+        return (FileImages([p for p, _ in samples], channels, size, workers),
                 np.array([c for _, c in samples], dtype=np.int64))
 
     x, y = files(train_samples)

@@ -51,8 +51,8 @@ class DataConfig:
                                   min=1)
     memory_limit_gb: float = key(8.0, "folder datasets whose decoded float32 images would take more than this "
                                       "stream from disk through a DataLoader instead (0: always stream)", min=0.0)
-    workers: int = key(4, "processes decoding image files ahead of training when a dataset streams", min=0,
-                       max=64)
+    workers: int | None = key(None, "processes decoding image files ahead of training when a dataset streams "
+                                    "(null: one fewer than the CPU cores, 1 to 4)", min=0, max=64)
     holdout_fraction: float = key(0.05, "share of the training split kept out of training (stratified, fixed) "
                                         "to calibrate `classify --reject` (0: none)", min=0.0, max=0.5)
     binarize: str = key("none", "none | threshold (x > 0.5 everywhere) | stochastic (each training batch a "
