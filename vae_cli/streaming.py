@@ -35,12 +35,12 @@ class _Decode(torch.utils.data.Dataset):
     A bad file comes back as its message, not as an exception: DataLoader would wrap a worker's exception
     in the worker's traceback, and the user gets one line."""
 
-    def __init__(self, images: FileImages):
-        self.images = images
+    def __init__(self, paths: np.ndarray, channels: int, size: tuple[int, int]):
+        self.paths, self.channels, self.size = paths, channels, size
 
     def __getitem__(self, positions: np.ndarray) -> Tensor | str:
         try:
-            return self.images[positions]
+            return decode_files(self.paths[positions], self.channels, self.size)
         except DataError as e:
             return str(e)
 
@@ -93,26 +93,42 @@ class FileImages:
         """Stays on disk; each decoded batch is moved where it is needed."""
         return self
 
-    def batches(self, index_batches: list[np.ndarray]):
-        """Decoded batches in the given order, `workers` processes decoding ahead of the consumer. The
-        workers persist from one call to the next (no process start-up per epoch)."""
-        if self._loader is None:
-            # Its own generator: a DataLoader draws a worker seed from the global RNG otherwise, which
-            # would shift the training noise (augmentation, z draws) away from the in-memory run's.
-            self._loader = torch.utils.data.DataLoader(
-                _Decode(self), sampler=self._order, batch_size=None, num_workers=self.workers,
-                prefetch_factor=4 if self.workers else None, persistent_workers=self.workers > 0,
-                generator=torch.Generator().manual_seed(0))
-        self._order.batches = list(index_batches)
-        for item in self._loader:
+    def _loader_for(self, order: _Order, persistent: bool):
+        # Its own generator: a DataLoader draws a worker seed from the global RNG otherwise, which would
+        # shift the training noise (augmentation, z draws) away from the in-memory run's.
+        return torch.utils.data.DataLoader(
+            _Decode(self.paths, self.channels, self.size), sampler=order, batch_size=None,
+            num_workers=self.workers, prefetch_factor=4 if self.workers else None,
+            persistent_workers=persistent and self.workers > 0, generator=torch.Generator().manual_seed(0))
+
+    @staticmethod
+    def _checked(loader):
+        for item in loader:
             if isinstance(item, str):
                 raise DataError(item)
             yield item
 
+    def batches(self, index_batches: list[np.ndarray]):
+        """Decoded batches in the given order, `workers` processes decoding ahead of the consumer. The
+        workers persist from one call to the next (no process start-up per epoch) until `close()`."""
+        if self._loader is None:
+            self._loader = self._loader_for(self._order, persistent=True)
+        self._order.batches = list(index_batches)
+        yield from self._checked(self._loader)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (left to garbage collection, their shutdown can stall)."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader = None
+
     def split(self, n: int):
-        """Like Tensor.split: consecutive decoded batches of n images."""
-        starts = range(0, len(self), n)
-        yield from self.batches([np.arange(s, min(s + n, len(self))) for s in starts])
+        """Like Tensor.split: consecutive decoded batches of n images (a one-off pass: its workers end
+        with it)."""
+        order = _Order()
+        order.batches = [np.arange(s, min(s + n, len(self))) for s in range(0, len(self), n)]
+        yield from self._checked(self._loader_for(order, persistent=False))
 
 
 def is_lazy(x) -> bool:

@@ -236,6 +236,8 @@ class Loop:
                     self._epoch(flag)
         finally:
             self.reporter.stop()
+            if is_lazy(self.x):
+                self.x.close()
         return p.rows
 
     def _stop_if_signalled(self, flag: dict) -> None:
