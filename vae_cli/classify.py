@@ -29,8 +29,6 @@ def rejection_gate(meta: dict, rate: float | None = None) -> dict:
                               "data.holdout_fraction > 0, e.g. 0.05")
     if rate is None or rate == rej["rate"]:
         return {"threshold": rej["threshold"], "rate": rej["rate"], "samples": rej["samples"]}
-    import torch
-
     from vae_cli.metrics import rejection_threshold
 
     return {"threshold": rejection_threshold(torch.tensor(rej["holdout_scores"]), rate), "rate": rate,

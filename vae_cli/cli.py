@@ -132,9 +132,7 @@ def info(
     rows += [(f"metric {k}", v) for k, v in meta.get("metrics", {}).items()]
     rej = meta.get("reject")
     if rej:
-        test = "" if rej.get("test_reject_rate") is None else f"; {rej['test_reject_rate']:.1%} of test images"
-        rows.append(("--reject threshold", f"log p(x) < {rej['threshold']:.3f} nats ({rej['rate']:.1%} of "
-                     f"{rej['holdout_images']} held-out images{test})"))
+        rows.append(("--reject threshold", show.describe_reject(rej)))
     show.table(None, rows)
 
 

@@ -125,13 +125,14 @@ def build_dataset(cfg, seed: int) -> Dataset:
     if not lazy:
         train_x, test_x = conform(train_x, cfg), conform(test_x, cfg)
     if cfg.train_limit is not None:
-        train_x, train_y = _take(train_x, slice(0, cfg.train_limit)), train_y[: cfg.train_limit]
+        train_x, train_y = take_rows(train_x, slice(0, cfg.train_limit)), train_y[: cfg.train_limit]
     hold_x = hold_y = None
     if cfg.holdout_fraction > 0:  # fixed like the test split: the same images whatever the seed
         keep, held = stratified_split(train_y, cfg.holdout_fraction, SPLIT_SEED, keep_one=True)
         if len(keep) == 0:
             raise DataError(f"data.holdout_fraction={cfg.holdout_fraction} leaves no training images; lower it")
-        hold_x, hold_y, train_x, train_y = _take(train_x, held), train_y[held], _take(train_x, keep), train_y[keep]
+        hold_x, hold_y = take_rows(train_x, held), train_y[held]
+        train_x, train_y = take_rows(train_x, keep), train_y[keep]
     labelled = labelled_subset(train_y, cfg.labels_per_class, cfg.labeled_fraction, seed)
     levels, grey = LEVELS.get(cfg.name, 256), None
     if cfg.binarize != "none":  # fixed draws (seeded apart), so every command sees the same binary images
@@ -151,7 +152,7 @@ def build_dataset(cfg, seed: int) -> Dataset:
 LEVELS = {"digits": 17}
 
 
-def _take(x, index):
+def take_rows(x, index):
     """Rows of an array, or of a FileImages without decoding them."""
     return x.subset(index) if is_lazy(x) else x[index]
 

@@ -38,6 +38,13 @@ def print_train(result: dict, decision: dict | None) -> None:
               f"old {old})")
 
 
+def describe_reject(rej: dict) -> str:
+    """The --reject calibration stored in a weights file, in one line (for `vae info` and report.html)."""
+    test = "" if rej.get("test_reject_rate") is None else f"; {rej['test_reject_rate']:.1%} of test images"
+    return (f"log p(x) < {rej['threshold']:.3f} nats ({rej['rate']:.1%} of {rej['holdout_images']} held-out "
+            f"images{test})")
+
+
 def print_confusion(classes: list[str], cm: list[list[int]]) -> None:
     """Rows are true classes, columns predictions; columns are numbered so long names stay readable."""
     label = max(len(f"{i} {c}") for i, c in enumerate(classes)) + 2

@@ -17,6 +17,7 @@ import yaml
 from vae_cli import fsutil, pictures, plots
 from vae_cli.data import Dataset
 from vae_cli.evaluate import latent_means
+from vae_cli.output import describe_reject
 from vae_cli.recipe import Recipe
 from vae_cli.runtime import Runtime
 
@@ -103,8 +104,7 @@ def run_facts(meta: dict) -> dict[str, str]:
              if meta.get("runtime") else "", "training seconds": str(meta.get("metrics", {}).get("train_seconds", ""))}
     rej = meta.get("reject")
     if rej:
-        facts["--reject threshold"] = (f"log p(x) < {rej['threshold']:.3f} nats: {rej['rate']:.1%} of "
-                                       f"{rej['holdout_images']} held-out training images")
+        facts["--reject threshold"] = describe_reject(rej)
     return {k: v for k, v in facts.items() if v}
 
 
