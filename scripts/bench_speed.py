@@ -57,8 +57,8 @@ def export_pngs(data_root: Path, folder: Path, count: int) -> Path:
         return folder
     from PIL import Image
 
+    from vae_cli.core.recipe import DataConfig
     from vae_cli.data import build_dataset
-    from vae_cli.recipe import DataConfig
 
     d = build_dataset(DataConfig(name="mnist", root=str(data_root)), 0)
     for i in range(count):
@@ -116,8 +116,8 @@ def main() -> None:
             for p in ("fp32", "bf16")]
     report["same_network_vae"] = ours
     if args.pythae_python.is_file():
+        from vae_cli.core.recipe import DataConfig
         from vae_cli.data import build_dataset
-        from vae_cli.recipe import DataConfig
 
         d = build_dataset(DataConfig(name="mnist", root=str(data_root), train_limit=args.images), 0)
         npz = args.out / f"mnist-{args.images}.npz"

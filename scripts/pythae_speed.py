@@ -1,5 +1,5 @@
 """Run inside a separate venv that has pythae 0.1.2 (never a dependency of vae): trains pythae's VAE with
-the *same* encoder/decoder networks as `vae` (imported from vae_cli/nets.py, which needs only torch) for
+the *same* encoder/decoder networks as `vae` (imported from vae_cli/models/nets.py, which needs only torch) for
 one epoch over the given MNIST tensors, and prints images/s and the test loss as JSON.
 
     bench-venv/bin/python scripts/pythae_speed.py DATA.npz --batch-size 64
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vae_cli.nets only (torch, no other deps)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vae_cli.models.nets only (torch, no other deps)
 
 from pythae.data.datasets import BaseDataset  # noqa: E402
 from pythae.models import VAE, VAEConfig  # noqa: E402
@@ -25,7 +25,7 @@ from pythae.models.base.base_utils import ModelOutput  # noqa: E402
 from pythae.models.nn import BaseDecoder, BaseEncoder  # noqa: E402
 from pythae.trainers import BaseTrainer, BaseTrainerConfig  # noqa: E402
 
-from vae_cli.nets import Decoder, Encoder  # noqa: E402
+from vae_cli.models.nets import Decoder, Encoder  # noqa: E402
 
 
 class Enc(BaseEncoder):

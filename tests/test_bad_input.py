@@ -204,8 +204,16 @@ def test_odd_but_valid_images_classify(tmp_path, tiny_run, runner, mode, name):
 def test_animated_gif_uses_the_first_frame(tmp_path, tiny_run, runner):
     frames = [Image.new("L", (20, 20), v) for v in (0, 255, 128)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    res = runner.invoke(app, ["classify", str(tiny_run / "model.safetensors"), str(tmp_path / "anim.gif")])
-    assert res.exit_code == 0, res.stderr
+    frames[0].save(tmp_path / "first.png")
+    frames[1].save(tmp_path / "second.png")
+    probs = {}
+    for name in ("anim.gif", "first.png", "second.png"):
+        res = runner.invoke(app, ["classify", str(tiny_run / "model.safetensors"), str(tmp_path / name),
+                                  "--top-k", "10", "-f", "json"])
+        assert res.exit_code == 0, res.stderr
+        probs[name] = {p["class"]: p["prob"] for p in json.loads(res.stdout)[0]["top"]}
+    assert probs["anim.gif"] == probs["first.png"]  # the first frame, decoded as a still image would be
+    assert probs["anim.gif"] != probs["second.png"]  # (and the frames differ enough to tell)
 
 
 def test_class_count_change_is_caught_by_eval(tmp_path, runner):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from vae_cli.core.errors import DataError, RecipeError
+from vae_cli.core.recipe import DataConfig
 from vae_cli.data import build_dataset, labelled_subset, stratified_split
-from vae_cli.errors import DataError, RecipeError
-from vae_cli.recipe import DataConfig
 
 
 def test_digits_dataset_shapes_and_range():

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vae_cli.core.errors import DataError
+from vae_cli.core.recipe import DataConfig
 from vae_cli.data import build_dataset
-from vae_cli.errors import DataError
-from vae_cli.recipe import DataConfig
 
 from .imagegen import write
 

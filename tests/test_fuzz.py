@@ -8,8 +8,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vae_cli import recipe as R
-from vae_cli.errors import RecipeError
+from vae_cli.core import recipe as R
+from vae_cli.core.errors import RecipeError
 
 KEYS = R.all_keys() + [k.split(".")[-1] for k in R.all_keys()] + list(R.SECTIONS)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_cli.errors import ImageError, UsageError
-from vae_cli.images import expand_paths, load_image
+from vae_cli.core.errors import ImageError, UsageError
+from vae_cli.data.images import expand_paths, load_image
 
 from .imagegen import write
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from vae_cli import losses, metrics
 from vae_cli.cli import app
+from vae_cli.evaluation import metrics
+from vae_cli.models import losses
 
 
 def test_iwae_bound_is_log_mean_exp():
@@ -164,8 +165,8 @@ def test_discretised_gaussian_eval_reports_a_discrete_likelihood(digits_run, run
 def test_iwae_converges_to_the_exact_likelihood_of_a_2d_latent_model():
     """With a 2-D latent code, log p(x) = log ∫ p(x|z) p(z) dz can be computed by quadrature on a grid; the
     IWAE estimate must approach it from below as K grows (Burda et al. 2016, theorem 1)."""
+    from vae_cli.core.recipe import ModelConfig
     from vae_cli.models import build_model
-    from vae_cli.recipe import ModelConfig
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(latent_dim=2, width=8, hidden=32, head_hidden=16), (1, 8, 8), 10).eval()

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vae_cli import checkpoint, losses
-from vae_cli.models import REGISTRY, build_model
+from vae_cli.artifacts import checkpoint
+from vae_cli.core.recipe import ModelConfig
+from vae_cli.models import REGISTRY, build_model, losses
 from vae_cli.models.base import Batch
-from vae_cli.recipe import ModelConfig
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 30, 22)]
 
 
 def _model(name, shape, k=10, **cfg):
+    cfg = {"width": 8, **cfg}
     torch.manual_seed(0)
-    return build_model(ModelConfig(name=name, latent_dim=4, width=8, hidden=32, head_hidden=16, **cfg), shape, k)
+    return build_model(ModelConfig(name=name, latent_dim=4, hidden=32, head_hidden=16, **cfg), shape, k)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -71,7 +72,7 @@ def test_likelihoods_match_torch_distributions():
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
-    from vae_cli.recipe import Recipe
+    from vae_cli.core.recipe import Recipe
 
     recipe = Recipe().replace(**{"model.name": name, "model.latent_dim": 4, "model.width": 8, "model.hidden": 32})
     model = build_model(recipe.model, (1, 8, 8), 10).eval()
@@ -142,12 +143,29 @@ def test_every_backbone_round_trips_any_shape(name, backbone, shape):
 
 
 def test_deep_backbone_is_the_classic_stack():
-    model = _model("vae", (1, 28, 28), backbone="deep")
+    model = _model("vae", (1, 28, 28), backbone="deep", **{"width": 32})
     convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128, 256, 512, 1024]
     assert all(c.kernel_size == (3, 3) and c.stride == (2, 2) for c in convs)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules()) == 6
     assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules()) == 6
+
+
+@pytest.mark.parametrize("backbone", ["small", "deep"])
+def test_model_width_sizes_every_conv_backbone(backbone):
+    """model.width was once ignored by the deep stack: the first conv layer must have `width` channels."""
+    for width in (8, 16):
+        model = _model("vae", (1, 28, 28), backbone=backbone, **{"width": width})
+        first = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+        tconv = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+        assert first.out_channels == width and tconv[-1].out_channels == width
+
+
+def test_model_dropout_reaches_the_m1_head():
+    """The VAE's M1 head once used a hard-coded 0.3 whatever model.dropout said."""
+    for p in (0.0, 0.6):
+        model = _model("vae", (1, 8, 8), dropout=p)
+        assert [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout)] == [p]
 
 
 @pytest.mark.parametrize("backbone", ["small", "deep"])
@@ -190,7 +208,7 @@ def test_iwae_bound_tightens_with_k_and_matches_the_vae_at_k1():
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_evaluation_interface(name, likelihood):
     """log_weights / latent_means / decode_latents: what eval, --reject, probes and pictures call."""
-    from vae_cli.pictures import class_samples, interpolation
+    from vae_cli.artifacts.pictures import class_samples, interpolation
 
     model = _model(name, (1, 8, 8), likelihood=likelihood).eval()
     x = torch.rand(3, 1, 8, 8)

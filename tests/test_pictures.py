@@ -54,9 +54,9 @@ def test_class_grid_layout(digits_run):
 
 
 def test_interpolation_rows_start_and_end_at_the_real_images(digits_run):
+    from vae_cli.artifacts.pictures import pair_indices
+    from vae_cli.core.recipe import load
     from vae_cli.data import build_dataset
-    from vae_cli.pictures import pair_indices
-    from vae_cli.recipe import load
 
     arr = _png(digits_run / "interpolation.png")
     rows, cols = 8, 12
@@ -103,8 +103,8 @@ def test_plot_rebuilds_the_same_pictures(digits_run, tmp_path, runner):
 
 
 def test_sample_interpolate_between_two_files(digits_run, tmp_path, runner):
+    from vae_cli.core.recipe import load
     from vae_cli.data import build_dataset
-    from vae_cli.recipe import load
 
     data = build_dataset(load(digits_run / "recipe.yaml").data, 0)
     files = []

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from vae_cli import recipe as R
-from vae_cli.errors import RecipeError
+from vae_cli.core import recipe as R
+from vae_cli.core.errors import RecipeError
 
 from .conftest import ROOT
 

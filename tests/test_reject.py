@@ -13,15 +13,15 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.imagegen import outliers
-from vae_cli.checkpoint import read_metadata
+from vae_cli.artifacts.checkpoint import read_metadata
 from vae_cli.cli import app
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, digits_run):
     """100 held-back test digits and 22 outliers (noise, letters, shapes) as PNG files, 4x enlarged."""
+    from vae_cli.core.recipe import load
     from vae_cli.data import build_dataset
-    from vae_cli.recipe import load
 
     root = tmp_path_factory.mktemp("images")
     data = build_dataset(load(digits_run / "recipe.yaml").data, 0)

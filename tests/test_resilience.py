@@ -136,7 +136,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_state(tmp_path):
 
 
 def test_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    from vae_cli import fsutil
+    from vae_cli.core import fsutil
 
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"previous version")
@@ -167,7 +167,7 @@ def test_promotion_exit_codes_and_atomic_copy(tmp_path):
 def test_full_disk_is_one_line_and_keeps_files(tmp_path, runner, monkeypatch):
     import errno
 
-    from vae_cli import checkpoint
+    from vae_cli.artifacts import checkpoint
     from vae_cli.cli import app
 
     def full(*args, **kwargs):

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from tests.imagegen import write
 from vae_cli.cli import app
+from vae_cli.core.recipe import DataConfig
 from vae_cli.data import build_dataset
-from vae_cli.recipe import DataConfig
-from vae_cli.streaming import FileImages
+from vae_cli.data.streaming import FileImages
 
 
 @pytest.fixture(scope="module")

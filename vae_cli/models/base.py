@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from vae_cli.data.augment import strong as strong_view
 
 
 @dataclass
@@ -19,6 +22,9 @@ class Batch:
     labelled: Tensor
     x_lab: Tensor
     y_lab: Tensor
+    # The strong view for consistency terms; the training loop passes one that follows the recipe's
+    # augmentation keys (train.augment_flip). Standalone batches get the default strong view.
+    strong: Callable[[Tensor], Tensor] = field(default=strong_view)
 
 
 class Model(nn.Module):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vae_cli import losses
-from vae_cli.models import register
+from vae_cli.models import losses
 from vae_cli.models.base import Batch, Model
 from vae_cli.models.m2 import M2
+from vae_cli.models.registry import register
 from vae_cli.models.vae import VAE
 
 
@@ -32,7 +32,8 @@ class M1M2(Model):
 
     def loss(self, batch: Batch, kl_weight: float) -> dict[str, Tensor]:
         t1 = self.m1.loss(batch, kl_weight)
-        coded = Batch(self._codes(batch.x), batch.y, batch.labelled, self._codes(batch.x_lab), batch.y_lab)
+        coded = Batch(self._codes(batch.x), batch.y, batch.labelled, self._codes(batch.x_lab), batch.y_lab,
+                      batch.strong)
         t2 = self.m2.loss(coded, kl_weight)
         return {"loss": t1["loss"] + t2["loss"], "recon": t1["recon"], "kl": t1["kl"],
                 "m2_loss": t2["loss"], "class_loss": t2["class_loss"]}

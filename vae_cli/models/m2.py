@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae_cli import losses
-from vae_cli.augment import strong
-from vae_cli.likelihoods import make_likelihood
-from vae_cli.models import register
+from vae_cli.models import losses
 from vae_cli.models.base import Batch, Model
-from vae_cli.nets import fp32, make_decoder, make_encoder, mlp, one_hot
+from vae_cli.models.likelihoods import make_likelihood
+from vae_cli.models.nets import fp32, make_decoder, make_encoder, mlp, one_hot
+from vae_cli.models.registry import register
 
 
 def m2_unlabelled_bound(q: Tensor, neg_elbo_per_class: Tensor) -> Tensor:
@@ -104,7 +103,7 @@ class M2(Model):
         if cfg.consistency > 0 and len(self.input_shape) == 3:
             conf, pseudo = q.detach().max(1)
             mask = (conf >= cfg.threshold).float()
-            strong_logits = self.class_logits(self.trunk(strong(batch.x)))
+            strong_logits = self.class_logits(self.trunk(batch.strong(batch.x)))
             consistency = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
             terms["loss"] = terms["loss"] + cfg.consistency * consistency
             terms["consistency"] = consistency

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae_cli import losses
-from vae_cli.likelihoods import make_likelihood
-from vae_cli.models import register
+from vae_cli.models import losses
 from vae_cli.models.base import Model
-from vae_cli.nets import fp32, make_decoder, make_encoder, mlp
+from vae_cli.models.likelihoods import make_likelihood
+from vae_cli.models.nets import fp32, make_decoder, make_encoder, mlp
+from vae_cli.models.registry import register
 
 
 @register("vae")
@@ -34,7 +34,7 @@ class VAE(Model):
         self.to_latent = nn.Linear(self.encoder.out_dim, 2 * k)  # -> (mu, logvar)
         self.decoder = make_decoder(image_shape, cfg, k)
         self.likelihood = make_likelihood(cfg.likelihood, self.image_shape)
-        self.head = mlp(k, cfg.head_hidden, num_classes, dropout=0.3)
+        self.head = mlp(k, cfg.head_hidden, num_classes, dropout=cfg.dropout)
         # Filled by fit_classifier; buffers so they travel in the weights file.
         self.register_buffer("feat_mean", torch.zeros(k))
         self.register_buffer("feat_std", torch.ones(k))

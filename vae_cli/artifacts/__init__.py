@@ -1,0 +1,1 @@
+"""What a run leaves on disk and how to read it back: the weights file, picture grids, plots, report.html."""

@@ -1,0 +1,102 @@
+"""Weights files: safetensors tensors plus string metadata that lets any command rebuild the model.
+
+Metadata keys (all JSON strings except `format` and `version`):
+  format       "vae-cli/1"; files without it were not written by this tool
+  version      package version that wrote the file
+  model        registry name
+  recipe       the resolved recipe (validated again on load; never trusted for paths to write)
+  classes      class names, index order
+  image_shape  [C, H, W] the model takes
+  preprocess   how image files are turned into inputs (channels, size, value range)
+  metrics      final evaluation numbers
+  labelled_indices  training images whose labels were used
+  reject       the `classify --reject` calibration: threshold, rate, samples, sorted held-out scores
+  runtime      device, precision and process count of the training run
+  head         the classifier stage's last loss
+  created      UTC timestamp
+Never pickle: tensors go through safetensors only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+from vae_cli import __version__
+from vae_cli.core.errors import CheckpointError, RecipeError
+
+FORMAT = "vae-cli/1"
+JSON_KEYS = ("recipe", "classes", "image_shape", "preprocess", "metrics", "labelled_indices", "reject", "runtime",
+             "head")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The parsed metadata of a weights file (no torch import), or a CheckpointError saying why not."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"'{p}' is a folder, not a weights file (give runs/NAME/model.safetensors)")
+    if not p.is_file():
+        raise CheckpointError(f"weights file '{p}' not found (train one with `vae train RECIPE`)")
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(f"'{p}' is not a readable safetensors file ({type(e).__name__}: {e}); "
+                              f"it may be truncated or corrupted: restore it or retrain") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"'{p}' is a safetensors file but not a vae weights file (no '{FORMAT}' "
+                              f"metadata; was it written by another tool?)")
+    meta: dict[str, Any] = dict(raw)
+    for k in JSON_KEYS:
+        if k in meta:
+            try:
+                meta[k] = json.loads(meta[k])
+            except json.JSONDecodeError:
+                raise CheckpointError(f"'{p}' has damaged metadata '{k}'; restore the file or retrain") from None
+    for k in ("recipe", "classes", "image_shape", "model"):
+        if k not in meta:
+            raise CheckpointError(f"'{p}' lacks metadata '{k}'; restore the file or retrain")
+    return meta
+
+
+def save(path: str | Path, model, *, classes: list[str], preprocess: dict, metrics: dict,
+         recipe: dict, extra: dict[str, Any] | None = None) -> None:
+    """Write model weights and metadata atomically (temp file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    from vae_cli.core.fsutil import write_with
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": __version__, "model": model.registry_name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    values = {"recipe": recipe, "classes": classes, "image_shape": list(model.image_shape),
+              "preprocess": preprocess, "metrics": metrics, **(extra or {})}
+    meta.update({k: json.dumps(v) for k, v in values.items()})
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load(path: str | Path, device: str | Any = "cpu"):
+    """Rebuild the model from the weights file alone. Returns (model in eval mode, metadata)."""
+    from safetensors.torch import load_file
+
+    from vae_cli.core import recipe as recipe_mod
+    from vae_cli.models import build_model
+
+    meta = read_metadata(path)
+    try:
+        recipe = recipe_mod.from_dict(meta["recipe"])
+    except RecipeError as e:
+        raise CheckpointError(f"'{path}' carries a recipe this version cannot read ({e})") from None
+    meta["recipe_obj"] = recipe
+    model = build_model(recipe.model, tuple(meta["image_shape"]), len(meta["classes"]))
+    try:
+        state = load_file(str(path), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # size mismatches, missing tensors, damaged data
+        raise CheckpointError(f"weights in '{path}' do not fit model '{meta['model']}' "
+                              f"({str(e).splitlines()[0]}); the file is damaged or from another version") from None
+    return model.to(device).eval(), meta

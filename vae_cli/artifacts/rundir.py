@@ -1,0 +1,100 @@
+"""The run folder: every file a training run writes, named once. `vae train` writes it, `vae plot` and
+the report read it, the lock guards it.
+
+    runs/NAME/
+      recipe.yaml  metrics.csv  model.safetensors  last.safetensors  .lock
+      samples.png  samples-by-class.png  reconstructions.png  interpolation.png
+      latent-map.png  curves.png  confusion.png  report.html
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vae_cli.core.errors import UsageError
+
+# picture key -> file name, in the order the report shows them
+PICTURES = {
+    "samples": "samples.png",
+    "samples_by_class": "samples-by-class.png",
+    "reconstructions": "reconstructions.png",
+    "interpolation": "interpolation.png",
+    "latent_map": "latent-map.png",
+    "curves": "curves.png",
+    "confusion": "confusion.png",
+}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "last.safetensors"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    def picture(self, key: str) -> Path:
+        return self.root / PICTURES[key]
+
+    @property
+    def samples(self) -> Path:
+        return self.picture("samples")
+
+    def files(self) -> dict[str, Path]:
+        """The files a finished run holds, by key (the `paths` of `vae train --json`)."""
+        return {"run_dir": self.root, "recipe": self.recipe, "metrics": self.metrics, "weights": self.weights,
+                "state": self.state, "samples": self.samples}
+
+    @classmethod
+    def of_weights(cls, weights: Path) -> RunDir:
+        """The run folder a weights file sits in (its metrics.csv may or may not be there)."""
+        return cls(Path(weights).parent)
+
+    @classmethod
+    def create(cls, out: str | Path, name: str, exist_ok: bool) -> RunDir:
+        """runs/<name>, or the first free runs/<name>-2, -3, ... unless exist_ok."""
+        out = Path(out)
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise UsageError(f"run name '{name}' is not a plain folder name; pass --name NAME")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            candidate, i = out / name, 1
+            while not exist_ok:
+                try:
+                    candidate.mkdir()
+                    return cls(candidate)
+                except FileExistsError:
+                    i += 1
+                    candidate = out / f"{name}-{i}"
+            candidate.mkdir(exist_ok=True)
+            return cls(candidate)
+        except (NotADirectoryError, PermissionError, FileExistsError) as e:
+            raise UsageError(f"cannot create run folder under '{out}' ({e.strerror or e}); "
+                             f"pick another --out") from None
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files from a write that a crash interrupted (the real files are untouched by design)."""
+        for tmp in self.root.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,109 @@
+"""What every subcommand shares: the Typer app, option enums and the error guard. No torch here."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+import typer
+
+from vae_cli import __version__
+from vae_cli.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_RUNTIME, VaeError
+
+app = typer.Typer(
+    name="vae",
+    help="Train Variational Autoencoders on images; classify (even with few labels), sample, reconstruct.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": os.environ.get("VAE_DEBUG", "") not in ("", "0")}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn user-facing errors into one line on stderr and their exit code (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except VaeError as e:
+            if _state["debug"]:
+                raise
+            err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:  # `vae ... | head` closed stdout: stop quietly, as SIGPIPE would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC or _state["debug"]:
+                raise
+            err(f"error: no space left on the device while writing {e.filename or 'a file'}; free some space "
+                 f"and rerun (training continues with --resume; finished files were not touched)")
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except MemoryError:
+            err("error: out of memory; lower train.batch_size or use a smaller model")
+            raise typer.Exit(EXIT_RUNTIME) from None
+        except Exception as e:  # a bug or an environment failure: one line, and how to see more
+            if _state["debug"]:
+                raise
+            err(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+            raise typer.Exit(EXIT_RUNTIME) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (or set VAE_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print version."),
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def runtime_for(device: Device, precision: str = "auto"):
+    from vae_cli.core.runtime import resolve
+
+    return resolve(device.value, precision)

@@ -1,0 +1,54 @@
+"""`vae info`: a weights file's metadata, the recipe reference (--defaults) and the registries."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from vae_cli.cli import output as show
+from vae_cli.cli.app import app, guarded
+from vae_cli.core.errors import UsageError
+
+
+@app.command()
+@guarded
+def info(
+    weights: Path | None = typer.Argument(None, help="A model.safetensors written by `vae train`."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    defaults: bool = typer.Option(False, "--defaults", help="Print every recipe key with default and help."),
+    models: bool = typer.Option(False, "--models", help="List the registered models."),
+) -> None:
+    """Show a weights file's metadata (model, data, classes, image shape, metrics, version)."""
+    if defaults:
+        from vae_cli.core.recipe import defaults_yaml
+
+        print(defaults_yaml(), end="")
+        return
+    if models:
+        from vae_cli.models import REGISTRY
+
+        for name, cls in sorted(REGISTRY.items()):
+            print(f"{name}\t{(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+        return
+    if weights is None:
+        raise UsageError("give a weights file (vae info runs/NAME/model.safetensors), or --defaults / --models")
+    from vae_cli.artifacts.checkpoint import read_metadata
+    from vae_cli.evaluation.catalog import describe_reject
+
+    meta = read_metadata(weights)
+    meta["labelled_count"] = len(meta.pop("labelled_indices", []))
+    if as_json:
+        show.print_json(meta)
+        return
+    r = meta["recipe"]
+    rows = [("file", str(weights)), ("model", meta["model"]), ("dataset", r["data"]["name"]),
+            ("classes", ", ".join(meta["classes"])), ("image shape", "x".join(map(str, meta["image_shape"]))),
+            ("latent dim", r["model"]["latent_dim"]), ("likelihood", r["model"]["likelihood"]),
+            ("labelled images", meta["labelled_count"]), ("version", meta["version"]), ("created", meta["created"])]
+    rows += [(f"metric {k}", v) for k, v in meta.get("metrics", {}).items()]
+    rej = meta.get("reject")
+    if rej:
+        rows.append(("--reject threshold", describe_reject(rej)))
+    show.table(None, rows)

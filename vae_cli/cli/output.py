@@ -1,0 +1,85 @@
+"""How results look on stdout: tables for people, CSV and JSON for pipelines. No torch here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Any
+
+from vae_cli.evaluation.catalog import summary_rows
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def table(title: str | None, rows: list[tuple[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(soft_wrap=True).print(t)
+
+
+def print_train(result: dict, decision: dict | None) -> None:
+    t = result["test"]
+    table(None, [("run", result["run_dir"]), ("weights", result["paths"]["weights"]),
+                  ("samples", result["paths"]["samples"]), ("metrics", result["paths"]["metrics"]),
+                  ("device", f"{result['device']}/{result['precision']}"),
+                  ("train seconds", result["train_seconds"]), ("test accuracy", t["accuracy"]),
+                  ("test ELBO (nats/image)", t["elbo"])])
+    if decision is not None:
+        old = "none" if decision["old"] is None else f"{decision['old']:.4f}"
+        verdict = "promoted" if decision["promoted"] else "kept the old model"
+        print(f"promotion: {verdict} at {decision['target']} ({decision['metric']}: new {decision['new']:.4f}, "
+              f"old {old})")
+
+
+def print_confusion(classes: list[str], cm: list[list[int]]) -> None:
+    """Rows are true classes, columns predictions; columns are numbered so long names stay readable."""
+    label = max(len(f"{i} {c}") for i, c in enumerate(classes)) + 2
+    cell = max(4, len(str(len(classes) - 1)) + 1, max(len(str(v)) for row in cm for v in row) + 1)
+    print("\nconfusion matrix (rows: true class, columns: predicted class index)")
+    print("".ljust(label) + "".join(str(i).rjust(cell) for i in range(len(classes))))
+    for i, (c, row) in enumerate(zip(classes, cm)):
+        print(f"{i} {c}".ljust(label) + "".join(str(v).rjust(cell) for v in row))
+
+
+def print_rows(rows: list[dict], fmt: str, top_k: int) -> None:
+    """One row per image; with --reject also its log-likelihood score and the verdict."""
+    if fmt == "json":
+        print_json(rows)
+        return
+    gated = bool(rows) and "rejected" in rows[0]
+    if fmt == "csv":
+        w = csv.writer(sys.stdout)
+        header = ["path"]
+        for i in range(1, top_k + 1):
+            header += [f"class_{i}", f"prob_{i}"] if top_k > 1 else ["class", "prob"]
+        w.writerow(header + (["log_likelihood", "rejected"] if gated else []))
+        for r in rows:
+            gate = [f"{r['score']:.3f}", str(r["rejected"]).lower()] if gated else []
+            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["class"], f"{p['prob']:.6f}")] + gate)
+        return
+    for r in rows:
+        preds = "  ".join(f"{p['class']} {p['prob']:.4f}" for p in r["top"])
+        gate = (f"\tREJECTED (log p(x) {r['score']:.1f}: unlike the training data)" if r["rejected"]
+                else f"\tok (log p(x) {r['score']:.1f})") if gated else ""
+        print(f"{r['path']}\t{preds}{gate}")
+
+
+def print_eval(res: dict) -> None:
+    """`vae eval` for people: the summary, per-class precision/recall/F1, the confusion matrix."""
+    rows = summary_rows(res)
+    table(f"{res['weights']} ({res['split']} split, {res['n']} images, {res['precision']})", rows)
+    print("\nper class")
+    width = max(len("class"), *(len(c) for c in res["per_class"])) + 2
+    print("class".ljust(width) + "".join(h.rjust(10) for h in ("precision", "recall", "F1", "support")))
+    for c, v in res["per_class"].items():
+        print(c.ljust(width) + f"{v['precision']:10.4f}{v['recall']:10.4f}{v['f1']:10.4f}{v['support']:10d}")
+    print_confusion(list(res["per_class"]), res["confusion_matrix"])

@@ -1,0 +1,81 @@
+"""Device and precision, chosen once: one `Runtime` hands out the autocast context and the GradScaler."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vae_cli.core.errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16 (resolved, never "auto")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX-512 BF16 / AMX), where bf16 autocast is faster."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve(device: str = "auto", precision: str = "auto", local_rank: int = 0) -> Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device '{device}'; use auto, cpu or cuda")
+    dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision not in DTYPES:
+        raise UsageError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
+    return Runtime(dev, precision)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """torch's RNG seeded for a block and restored after it (`torch.random.fork_rng`): fixed noise for
+    pictures and evaluation without disturbing the caller's random stream."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def seeded_everything(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Python's, numpy's and torch's global RNGs seeded for a block (a training job, whose loop draws from
+    the global torch stream and saves it in the resumable state), each restored when the block ends."""
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with seeded(seed, device):
+            random.seed(seed)
+            np.random.seed(seed)
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)

@@ -1,0 +1,127 @@
+"""After the training loop: the classifier stage, the final evaluation, the `--reject` calibration, the
+weights file, pictures and the HTML report. Seeded on its own, so a resumed run finishes exactly like an
+uninterrupted one (and every rank computes the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vae_cli.artifacts import checkpoint
+from vae_cli.artifacts.rundir import RunDir
+from vae_cli.core.console import Reporter
+from vae_cli.core.errors import VaeError
+from vae_cli.core.recipe import Recipe
+from vae_cli.core.runtime import Runtime, seeded
+from vae_cli.data import Dataset
+from vae_cli.data.streaming import is_lazy
+from vae_cli.engine import distributed
+from vae_cli.engine.distributed import Dist
+from vae_cli.evaluation.evaluate import evaluate, log_likelihood
+from vae_cli.evaluation.metrics import rejection_threshold
+
+# A streamed dataset's classifier stage decodes at most this many labelled images into memory.
+STREAMED_FIT_IMAGES = 50_000
+# Test images scored to report the false-reject rate that the held-out threshold gives on new data.
+REJECT_CHECK_IMAGES = 2000
+
+
+def preprocess_of(data: Dataset) -> dict:
+    """How `classify` must turn an image file into model input, as the training data was."""
+    c, h, w = data.image_shape
+    return {"channels": c, "size": [h, w], "range": [0.0, 1.0], "levels": data.levels,
+            "binarize": data.levels == 2}
+
+
+def calibrate_rejection(model, data: Dataset, recipe: Recipe, rt: Runtime) -> dict | None:
+    """The `classify --reject` threshold: the `train.reject_rate` quantile of the IWAE score log p(x) on
+    the held-out training images (continuous density: user images need not sit on the data's grid).
+    The sorted held-out scores travel too, so `classify --reject-rate` can pick another rate."""
+    if data.holdout_x is None or len(data.holdout_x) == 0:
+        return None
+    tc = recipe.train
+    scores = log_likelihood(model, data.holdout_x, tc.reject_samples, None, rt, seed=recipe.seed + 2)
+    threshold = rejection_threshold(scores, tc.reject_rate)
+    test = log_likelihood(model, data.test_x[:REJECT_CHECK_IMAGES], tc.reject_samples, None, rt,
+                          seed=recipe.seed + 3)
+    return {"score": "iwae_log_likelihood", "samples": tc.reject_samples, "rate": tc.reject_rate,
+            "threshold": threshold, "holdout_images": len(scores),
+            "test_reject_rate": float((test < threshold).float().mean().item()) if len(test) else None,
+            "holdout_scores": [round(v, 3) for v in scores.sort().values.tolist()]}
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns and `vae train --json` prints (`to_json`)."""
+
+    run: RunDir
+    device: str
+    precision: str
+    epochs: int
+    processes: int
+    rank: int
+    rank_checksums: list[int]
+    train_seconds: float
+    test: dict[str, Any]  # the final evaluation on the whole test split (keys: docs/METRICS.md)
+    pictures: dict[str, str] = field(default_factory=dict)  # picture key -> path written
+    reject: dict[str, Any] | None = None  # the --reject calibration, without the held-out scores
+
+    @property
+    def paths(self) -> dict[str, str]:
+        return {**{k: str(v) for k, v in self.run.files().items()}, **self.pictures}
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"run_dir": str(self.run.root), "paths": self.paths, "device": self.device,
+               "precision": self.precision, "epochs": self.epochs, "processes": self.processes, "rank": self.rank,
+               "rank_checksums": self.rank_checksums, "train_seconds": self.train_seconds, "test": self.test}
+        if self.reject is not None:
+            out["reject"] = self.reject
+        return out
+
+
+def finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows: list[dict],
+           reporter: Reporter, seconds: float, d: Dist) -> TrainResult:
+    """Seeded on its own (and restoring the caller's RNG after), so a resumed run finishes exactly like an
+    uninterrupted one."""
+    with seeded(recipe.seed + 1, rt.device):
+        return _finish(model, data, recipe, rt, run, rows, reporter, seconds, d)
+
+
+def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows: list[dict],
+            reporter: Reporter, seconds: float, d: Dist) -> TrainResult:
+    lab = data.labelled
+    if is_lazy(data.train_x) and len(lab) > STREAMED_FIT_IMAGES:  # do not decode a whole streamed dataset
+        lab = lab[torch.randperm(len(lab), generator=torch.Generator().manual_seed(recipe.seed))[:STREAMED_FIT_IMAGES]]
+        reporter.log(f"fitting the classifier on {len(lab)} of the {len(data.labelled)} labelled images "
+                     f"(the dataset streams from disk)")
+    head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
+                                recipe.train.head_steps, 256)
+    checksums = [int(c) for c in d.gather(torch.tensor([distributed.checksum(model)], device=rt.device))]
+    if len(set(checksums)) > 1:
+        raise VaeError(f"the {d.world} processes ended with different weights (checksums {checksums}); "
+                       f"this is a bug, please report it with the recipe")
+    metrics = evaluate(model, data.test_x, data.test_y, data.classes, rt)
+    summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n")}
+    summary["train_seconds"] = round(seconds, 2)
+    result = TrainResult(run, rt.device.type, rt.precision, len(rows), d.world, d.rank, checksums,
+                         round(seconds, 2), metrics)
+    if not d.is_main:
+        return result
+    reject = calibrate_rejection(model, data, recipe, rt)
+    if reject is not None:
+        result.reject = {k: v for k, v in reject.items() if k != "holdout_scores"}
+    checkpoint.save(run.weights, model, classes=data.classes, preprocess=preprocess_of(data),
+                    metrics=summary, recipe=recipe.to_dict(),
+                    extra={"labelled_indices": data.labelled.tolist(), "runtime": {
+                        "device": rt.device.type, "precision": rt.precision, "processes": d.world}, "head": head,
+                        "reject": reject})
+    from vae_cli.artifacts import report
+
+    facts = report.run_facts({"path": str(run.weights), "metrics": summary, "reject": reject,
+                              "runtime": {"device": rt.device.type, "precision": rt.precision, "processes": d.world}})
+    result.pictures = report.write_run_pictures(model, data, recipe, rt, run.root, metrics, run.metrics, run=facts)
+    reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
+    return result

@@ -1,0 +1,68 @@
+"""`train()`: one training job from a recipe. It picks the run folder (rank 0 under torchrun), holds its
+lock, builds data and model, runs the `Loop` (resuming it when asked), then `finish` (classifier stage,
+evaluation, `--reject` calibration, weights file, pictures) and returns a `TrainResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from vae_cli.artifacts.rundir import RunDir
+from vae_cli.core import fsutil
+from vae_cli.core.console import Reporter
+from vae_cli.core.recipe import Recipe
+from vae_cli.core.runtime import Runtime, resolve, seeded_everything
+from vae_cli.data import build_dataset
+from vae_cli.engine import distributed
+from vae_cli.engine.distributed import Dist
+from vae_cli.engine.finish import TrainResult, finish
+from vae_cli.engine.loop import Loop
+from vae_cli.engine.runlock import RunLock
+from vae_cli.models import build_model
+
+
+def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, exist_ok: bool = False,
+          resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Train per the recipe; writes the run directory and returns the results and paths. Under torchrun
+    every rank runs this; rank 0 alone chooses the run folder, holds its lock and writes files."""
+    d = distributed.setup(recipe.train.device)
+    try:
+        reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
+        rt = resolve(recipe.train.device, recipe.train.precision, d.local_rank)
+        run = RunDir.create(out, name or recipe.name or "run", exist_ok or resume) if d.is_main else None
+        run = RunDir(d.share_path(run.root if run else None, rt.device))
+        with RunLock(run.root) if d.is_main else nullcontext(), seeded_everything(recipe.seed, rt.device):
+            return _train_in(run, recipe, resume, reporter, rt, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt: Runtime, d: Dist) -> TrainResult:
+    t_start = time.perf_counter()
+    if d.is_main:
+        run.remove_stale_temp_files()
+    data = build_dataset(recipe.data, recipe.seed)
+    model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
+    if d.enabled:
+        torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
+    loop = Loop(model, data, recipe, rt, run, reporter, d)
+    d.barrier()  # rank 0 has cleaned the folder before anyone reads the state file
+    if resume and run.state.is_file():
+        loop.resume_from(run.state)
+        reporter.log(f"resuming {run.root} at epoch {loop.progress.epoch}, step {loop.progress.step}")
+    else:
+        if resume:
+            reporter.log(f"nothing to resume in {run.root}: starting it from the beginning")
+        if d.is_main:
+            fsutil.write_text(run.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    procs = f", {d.world} processes" if d.enabled else ""
+    reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
+                 f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
+                 f"{rt.device.type}/{rt.precision}{procs} -> {run.root}")
+    rows = loop.run()
+    return finish(model, data, recipe, rt, run, rows, reporter, time.perf_counter() - t_start, d)

@@ -1,0 +1,92 @@
+"""`vae eval`'s numbers for one split, computed in one pass over the images (plus one importance-sampling
+pass when asked). The returned dict's keys are the `--json` contract, documented in docs/METRICS.md and
+checked against it by tests/test_metrics.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vae_cli.core.runtime import Runtime, seeded
+from vae_cli.evaluation import metrics
+
+
+@torch.no_grad()
+def _batched(fn, x: Tensor, runtime: Runtime, batch_size: int) -> list[Tensor]:
+    """fn over x batch by batch on the model's device, results back on the CPU as float32."""
+    out = []
+    for xb in x.split(batch_size):
+        with runtime.autocast():
+            out.append(fn(xb.to(runtime.device, non_blocking=True)).float().cpu())
+    return out
+
+
+def predict(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
+    """Class probabilities for x (moved to the model's device batch by batch)."""
+    model.eval()
+    out = _batched(model.predict_proba, x, runtime, batch_size)
+    return torch.cat(out) if out else torch.empty(0, model.num_classes)
+
+
+def latent_means(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
+    model.eval()
+    return torch.cat(_batched(model.latent_means, x, runtime, batch_size))
+
+
+@torch.no_grad()
+def log_likelihood(model, x: Tensor, k: int, levels: int | None, runtime: Runtime, batch_size: int = 256,
+                   seed: int = 0, progress: Callable[[int], None] | None = None) -> Tensor:
+    """Per-image IWAE estimates of log p(x) (nats), on the CPU; `progress(n)` after every n images."""
+    model.eval()
+    out = []
+    with seeded(seed, runtime.device):
+        for xb in x.split(batch_size):
+            xb = xb.to(runtime.device, non_blocking=True)
+            out.append(metrics.iwae_log_likelihood(model, xb, k, levels, runtime.autocast).cpu())
+            if progress is not None:
+                progress(len(xb))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, *, batch_size: int = 512,
+             seed: int = 0, iw_samples: int = 0, levels: int | None = None,
+             probe: tuple[Tensor, Tensor] | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """All numbers for one split. `iw_samples` > 0 adds the IWAE negative log-likelihood; `probe`, the
+    labelled training images (x, y) to fit a linear probe and a kNN vote on latent means."""
+    model.eval()
+    recon, kl, probs, means = [], [], [], []
+    with seeded(seed, runtime.device):
+        for xb in x.split(batch_size):  # one pass: each batch moves to the device once
+            xb = xb.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                parts = model.elbo_parts(xb)
+                probs.append(model.predict_proba(xb).float().cpu())
+                means.append(model.latent_means(xb).float().cpu())
+            recon.append(parts["recon"].float().cpu())
+            kl.append(parts["kl"].float().cpu())
+    recon_t, kl_t = torch.cat(recon), torch.cat(kl)
+    means_t = torch.cat(means)
+    y_np = y.cpu().numpy()
+    res = {"n": len(x), "elbo": -(recon_t + kl_t).mean().item(), "recon": recon_t.mean().item(),
+           "kl": kl_t.mean().item(), "latent_dim": means_t.shape[1], "active_units": metrics.active_units(means_t),
+           **metrics.classification(torch.cat(probs).numpy(), y_np, classes), "nll": None, "probe": None}
+    if iw_samples > 0:
+        ll = log_likelihood(model, x, iw_samples, levels, runtime, seed=seed + 1, progress=progress)
+        nats = -ll.mean().item()
+        dims = int(np.prod(x.shape[1:]))
+        res["nll"] = {"nats": nats, "bits_per_dim": metrics.bits_per_dim(nats, dims),
+                      "stderr_nats": (ll.std().item() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
+                      "iw_samples": iw_samples, "levels": levels,
+                      # a probability of the image, not a density: binary data, or the discretised Gaussian
+                      "discrete": levels is not None and (levels == 2 or model.cfg.likelihood == "gaussian")}
+    if probe is not None:
+        px, py = probe
+        res["probe"] = {"labels_per_class": int(np.bincount(py.numpy()).max()),
+                        **metrics.latent_probe(latent_means(model, px, runtime).numpy(), py.numpy(),
+                                               means_t.numpy(), y_np)}
+    return res
