@@ -6,7 +6,7 @@ VAE    := $(VENV)/bin/vae
 STAMP  := $(VENV)/.installed
 RUN    := runs/digits
 
-.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval
+.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval bench-cifar
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,3 +55,7 @@ bench-speed: $(STAMP) bench-venv/.installed
 # letters, shapes against held-back digits) for the MNIST and digits models.
 bench-eval: $(STAMP)
 	$(PY) scripts/bench_eval.py
+
+# Colour photos: CIFAR-10 JPEG folders (../shared/data/cifar10) with 4000 labels; test error and time.
+bench-cifar: $(STAMP)
+	$(PY) scripts/bench_cifar.py

@@ -85,3 +85,48 @@ def outliers(folder: Path, size: tuple[int, int], count: int = 10) -> dict[str, 
             Image.fromarray(a, "L").save(p)
             made[kind].append(p)
     return made
+
+
+def colour_scene(cls: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A small colour 'photo' (h, w, 3) uint8 whose class shows in colour and shape, with random position,
+    scale, background and noise: class 0 a red disc on a blue-grey ground, 1 a green bar on a sandy ground,
+    2 a dark diagonal band on a light purple ground."""
+    rng = np.random.RandomState(seed * 7 + cls)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)[:, :, :]
+    grounds = [(90, 110, 150), (200, 180, 120), (190, 160, 210)]
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = np.array(grounds[cls]) + rng.uniform(-25, 25, 3)
+    cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+    if cls == 0:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        colour = (220, 40, 40)
+    elif cls == 1:
+        mask = np.abs(xx - cx) < r / 2
+        colour = (40, 200, 60)
+    else:
+        mask = np.abs((yy - cy) - (xx - cx)) < r / 2
+        colour = (40, 30, 60)
+    img[mask] = np.array(colour) + rng.uniform(-20, 20, 3)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def photo_folder(root: Path, per_class: int, split: str, seed: int = 0) -> list[Path]:
+    """root/split/<class>/ files of 3 classes in the shapes users bring: 64, 96 and 128 px, other aspect
+    ratios, JPEG and PNG, RGB, palette, RGBA, CMYK and grey-with-alpha."""
+    sizes = [(64, 64), (96, 96), (128, 128), (80, 60), (50, 90)]
+    modes = ["RGB", "RGB", "P", "RGBA", "CMYK"]
+    written = []
+    for cls, name in enumerate(["disc", "bar", "band"]):
+        for i in range(per_class):
+            k = seed * 1000 + i
+            img = Image.fromarray(colour_scene(cls, sizes[k % len(sizes)], k), "RGB").convert(modes[k % len(modes)])
+            suffix = ".jpg" if img.mode in ("RGB", "CMYK") and k % 2 == 0 else ".png"
+            if suffix == ".png" and img.mode == "CMYK":
+                img = img.convert("RGB")
+            path = root / split / name / f"{i:03d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+            written.append(path)
+    return written

@@ -9,6 +9,8 @@ from vae_cli.artifacts import checkpoint
 from vae_cli.core.recipe import ModelConfig
 from vae_cli.models import REGISTRY, build_model, losses
 from vae_cli.models.base import Batch
+from vae_cli.models.likelihoods import LIKELIHOODS
+from vae_cli.models.nets import BACKBONES
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 30, 22)]
 
@@ -21,7 +23,7 @@ def _model(name, shape, k=10, **cfg):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
 def test_shapes_loss_backward(name, shape, likelihood):
     model = _model(name, shape, likelihood=likelihood)
     x = torch.rand(5, *shape)
@@ -128,8 +130,9 @@ def test_m2_samples_follow_the_class():
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-@pytest.mark.parametrize("backbone", ["small", "deep", "mlp"])
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 30, 22)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 30, 22), (3, 16, 16), (3, 64, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_every_backbone_round_trips_any_shape(name, backbone, shape):
     model = _model(name, shape, backbone=backbone)
     x = torch.rand(3, *shape)
@@ -151,14 +154,13 @@ def test_deep_backbone_is_the_classic_stack():
     assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.modules()) == 6
 
 
-@pytest.mark.parametrize("backbone", ["small", "deep"])
+@pytest.mark.parametrize("backbone", [n for n in BACKBONES.names() if BACKBONES.get(n).uses_width])
 def test_model_width_sizes_every_conv_backbone(backbone):
     """model.width was once ignored by the deep stack: the first conv layer must have `width` channels."""
     for width in (8, 16):
         model = _model("vae", (1, 28, 28), backbone=backbone, **{"width": width})
         first = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
-        tconv = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
-        assert first.out_channels == width and tconv[-1].out_channels == width
+        assert first.out_channels == width and model.decoder.out.in_channels == width
 
 
 def test_model_dropout_reaches_the_m1_head():
@@ -168,7 +170,7 @@ def test_model_dropout_reaches_the_m1_head():
         assert [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout)] == [p]
 
 
-@pytest.mark.parametrize("backbone", ["small", "deep"])
+@pytest.mark.parametrize("backbone", ["small", "deep", "resnet"])
 def test_a_few_bf16_steps_stay_finite(backbone):
     """CPU bf16 kernels gave the deep stack non-finite gradients within two steps (its 1x1 maps); it runs
     in fp32 under autocast now. Real optimizer steps, as training takes them."""
@@ -205,7 +207,7 @@ def test_iwae_bound_tightens_with_k_and_matches_the_vae_at_k1():
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
 def test_evaluation_interface(name, likelihood):
     """log_weights / latent_means / decode_latents: what eval, --reject, probes and pictures call."""
     from vae_cli.artifacts.pictures import class_samples, interpolation

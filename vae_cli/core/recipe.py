@@ -91,6 +91,11 @@ class ModelConfig:
                                   "(0: off; FixMatch-style pseudo-labels)", min=0.0)
     threshold: float = key(0.95, "M2: confidence above which a prediction becomes a pseudo-label",
                            min=0.0, max=1.0)
+    unlabelled_elbo_images: int | None = key(None, "M2: unlabelled images per step whose bound enumerates every "
+                                                   "class (null: the whole batch); the consistency term always "
+                                                   "sees the whole batch. Caps the K-fold decoder cost", min=1)
+    align: bool = key(False, "M2: distribution alignment of the pseudo-labels (ReMixMatch): divide q(y|x) by "
+                             "its running mean over unlabelled batches, against pseudo-label class imbalance")
     dropout: float = key(0.3, "dropout in the classifier (M2's q(y|x), the VAE's M1 head when head_hidden > 0)",
                          min=0.0, max=0.95)
     iw_samples: int = key(5, "iwae: importance samples per image in the training bound (Burda et al. 2016)",
@@ -108,6 +113,9 @@ class TrainConfig:
     lr: float = key(2e-3, "AdamW learning rate (cosine decay to 5% of it)", min=0.0, exclusive_min=True)
     weight_decay: float = key(0.0, "AdamW weight decay", min=0.0)
     kl_warmup_epochs: int = key(5, "epochs over which the KL weight ramps linearly from 0 to beta", min=0)
+    ema: float = key(0.0, "decay of an exponential moving average of the weights, used for the per-epoch test "
+                          "numbers and as the saved model (0: off; 0.999 for runs of thousands of steps)", min=0.0,
+                     max=0.99999)
     grad_clip: float = key(10.0, "clip the global gradient norm to this (0: off)", min=0.0)
     head_steps: int = key(600, "optimisation steps of the latent classifier after VAE training", min=0)
     device: str = key("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))

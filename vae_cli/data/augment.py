@@ -1,8 +1,12 @@
-"""Batched, in-memory image augmentation: random shifts, rotations and horizontal flips in one
-`affine_grid`/`grid_sample` pass on the whole batch (no per-image Python work)."""
+"""Batched, in-memory image augmentation on the training device, every image with its own random draw:
+the weak view (random shifts, rotations and horizontal flips in one `affine_grid`/`grid_sample` pass) and
+the strong view of consistency training (for colour images a RandAugment-style kornia pipeline: colour
+jitter, posterize, solarize, equalize, sharpness, affine and cutout). All draws come from torch's global
+RNG, which the resumable state carries, so a resumed run sees the same augmentations."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,11 +29,38 @@ def cutout(x: Tensor, fraction: float) -> Tensor:
 
 
 def strong(x: Tensor, flip: bool = False) -> Tensor:
-    """The 'strong' view for consistency training: a larger shift and rotation than the recipe's
-    augmentation, plus cutout; scaled to the image size so 8x8 and 32x32 both get a fair dose."""
+    """The 'strong' view for consistency training (FixMatch, Sohn et al. 2020). Grey images: a larger shift
+    and rotation than the recipe's augmentation, plus cutout, scaled to the image size so 8x8 and 32x32 both
+    get a fair dose. Colour images: `colour_strong`."""
     if x.ndim != 4:
         return x
+    if x.shape[1] == 3:
+        return colour_strong(x, flip)
     return cutout(augment(x, shift=0.12 * max(x.shape[2:]), rotate=20.0, flip=flip), 0.3)
+
+
+@functools.lru_cache(maxsize=2)
+def _colour_pipeline(flip: bool):
+    """RandAugment-style (Cubuk et al. 2020) colour and geometry operations from kornia, each applied to
+    each image with its own probability and magnitude, then cutout (DeVries & Taylor 2017) on every image.
+    Magnitudes follow FixMatch's RandAugment ranges for 32x32 photos, as fractions of the image size."""
+    import kornia.augmentation as K
+
+    ops = [K.RandomHorizontalFlip(p=0.5)] if flip else []
+    ops += [K.ColorJiggle(0.4, 0.4, 0.4, 0.1, p=0.8),
+            K.RandomPosterize(bits=(4, 8), p=0.2),
+            K.RandomSolarize(thresholds=0.1, additions=0.1, p=0.2),
+            K.RandomEqualize(p=0.2),
+            K.RandomSharpness(sharpness=0.5, p=0.2),
+            K.RandomAffine(degrees=20, translate=(0.125, 0.125), shear=10, p=0.7),
+            K.RandomErasing(scale=(0.02, 0.25), ratio=(0.5, 2.0), value=0.5, p=1.0)]
+    return K.AugmentationSequential(*ops)
+
+
+def colour_strong(x: Tensor, flip: bool = False) -> Tensor:
+    """The strong view of colour images in [0, 1] (B, 3, H, W)."""
+    out = _colour_pipeline(flip)(x.float())
+    return out.clamp(0, 1).to(x.dtype)
 
 
 def augment(x: Tensor, shift: float = 0.0, rotate: float = 0.0, flip: bool = False) -> Tensor:

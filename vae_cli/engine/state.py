@@ -7,6 +7,7 @@ One file, written atomically, so the weights and the optimizer can never be from
             rng.torch.<rank>        each process's global RNG, under torchrun
             rng.cuda                CUDA RNG state of the current device, when training on a GPU
             perm                    the current epoch's shuffled order
+            ema.<name>              the weights' moving average (train.ema > 0)
   metadata  format, recipe, optim (param groups and non-tensor state), sched, scaler, progress (epoch,
             step, partial sums, metrics rows so far), all JSON.
 Tensors go through safetensors; nothing is pickled.
@@ -60,7 +61,8 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save(path: str | Path, *, model, opt, sched, scaler, gen: torch.Generator, perm: torch.Tensor,
-         progress: Progress, recipe: dict, rank_rng: list[torch.Tensor] | None = None) -> None:
+         progress: Progress, recipe: dict, rank_rng: list[torch.Tensor] | None = None,
+         ema: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     from vae_cli.core.fsutil import write_with
@@ -73,6 +75,7 @@ def save(path: str | Path, *, model, opt, sched, scaler, gen: torch.Generator, p
         tensors[f"rng.torch.{r}"] = t
     tensors["rng.data"] = gen.get_state()
     tensors["perm"] = perm.detach().cpu().contiguous()
+    tensors.update(ema or {})
     if perm.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(perm.device)
     meta = {"format": FORMAT, "recipe": json.dumps(recipe), "optim": json.dumps(opt_meta),

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vae_cli.core.runtime import Runtime, seeded
 from vae_cli.evaluation import metrics
+from vae_cli.models.likelihoods import LIKELIHOODS
 
 
 @torch.no_grad()
@@ -82,8 +83,10 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, 
         res["nll"] = {"nats": nats, "bits_per_dim": metrics.bits_per_dim(nats, dims),
                       "stderr_nats": (ll.std().item() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
                       "iw_samples": iw_samples, "levels": levels,
-                      # a probability of the image, not a density: binary data, or the discretised Gaussian
-                      "discrete": levels is not None and (levels == 2 or model.cfg.likelihood == "gaussian")}
+                      # a probability of the image, not a density: binary data, or a likelihood discretised
+                      # to the data's levels (Gaussian, logistic)
+                      "discrete": levels is not None and (levels == 2 or LIKELIHOODS.get(model.cfg.likelihood)
+                                                          .discretised)}
     if probe is not None:
         px, py = probe
         res["probe"] = {"labels_per_class": int(np.bincount(py.numpy()).max()),

@@ -56,6 +56,8 @@ class M2(Model):
         self.z_head = mlp(self.trunk.out_dim + K, cfg.hidden, 2 * k)
         self.decoder = make_decoder(self.input_shape, cfg, k + K)
         self.likelihood = make_likelihood(cfg.likelihood, self.input_shape)
+        if cfg.align:  # running mean of q(y|x) on unlabelled batches, for distribution alignment
+            self.register_buffer("q_mean", torch.full((K,), 1.0 / K))
 
     # --- the pieces -------------------------------------------------------------------------------
     def class_logits(self, h: Tensor) -> Tensor:
@@ -91,17 +93,24 @@ class M2(Model):
         lab = self.neg_elbo(batch.x_lab, h_lab, batch.y_lab, kl_weight)
         class_loss = F.cross_entropy(self.class_logits(h_lab), batch.y_lab)
 
-        h = self.trunk(batch.x)
-        logits = self.class_logits(h)
-        q = F.softmax(logits, 1)
-        per_class = self._enumerate(batch.x, h, kl_weight)
+        # The batch is a random slice of the shuffled training set, so its first n images are a random
+        # subset: the class enumeration (K decoder passes per image) runs on those only when asked, and the
+        # rest only give (gradient-free) pseudo-labels to the consistency term.
+        n = min(cfg.unlabelled_elbo_images or len(batch.x), len(batch.x))
+        h = self.trunk(batch.x[:n])
+        q = F.softmax(self.class_logits(h), 1)
+        q_all = q.detach()
+        if n < len(batch.x) and cfg.consistency > 0:
+            with torch.no_grad():
+                q_all = torch.cat([q_all, F.softmax(self.class_logits(self.trunk(batch.x[n:])), 1)])
+        per_class = self._enumerate(batch.x[:n], h, kl_weight)
         unlab = m2_unlabelled_bound(q, per_class["value"])
 
         terms = {"loss": lab["value"].mean() + unlab.mean() + cfg.alpha * class_loss,
                  "recon": (q.detach() * per_class["recon"]).sum(1).mean(),
                  "kl": (q.detach() * per_class["kl"]).sum(1).mean(), "class_loss": class_loss}
         if cfg.consistency > 0 and len(self.input_shape) == 3:
-            conf, pseudo = q.detach().max(1)
+            conf, pseudo = self._pseudo_targets(q_all).max(1)
             mask = (conf >= cfg.threshold).float()
             strong_logits = self.class_logits(self.trunk(batch.strong(batch.x)))
             consistency = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
@@ -109,6 +118,19 @@ class M2(Model):
             terms["consistency"] = consistency
             terms["pseudo_rate"] = mask.mean()
         return terms
+
+    @torch.no_grad()
+    def _pseudo_targets(self, q: Tensor) -> Tensor:
+        """q(y|x) on unlabelled images, with `model.align`: distribution alignment (Berthelot et al. 2020,
+        ReMixMatch, section 3.2), q * p(y) / running mean of q, renormalised, so a model that favours some
+        classes early does not turn that into pseudo-labels and a self-fulfilling imbalance. p(y) is uniform,
+        as M2's prior is."""
+        if not self.cfg.align:
+            return q
+        if self.training:
+            self.q_mean.lerp_(q.float().mean(0), 0.01)  # ~ the last 100 batches
+        aligned = q.float() / self.q_mean.clamp_min(1e-6)
+        return aligned / aligned.sum(1, keepdim=True)
 
     # --- using a trained model --------------------------------------------------------------------
     def predict_proba(self, x: Tensor) -> Tensor:

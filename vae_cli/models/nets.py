@@ -6,6 +6,12 @@
 - `deep`: the classic stack of six 3x3 stride-2 convolutions with `width` x 1, 2, 4, 8, 16, 32 channels
   (32..1024 at the default width), each with batch norm and LeakyReLU, mirrored by transposed convolutions
   (output padding chosen per layer so any size round-trips exactly).
+- `resnet`: for colour photos, after the fastest known CIFAR-10 trainers (Keller Jordan's airbench, Page's
+  "How to train your ResNet"): a 3x3 stem of `width` channels, then per stage a 3x3 conv, 2x2 max-pool,
+  batch norm, GELU and a residual pair of 3x3 convs with batch norm, doubling channels (`width` x 2, 4, 8)
+  while the map is even and at least 8 pixels; global max-pool to the features. Batch norm stays in the
+  encoder trunk, which M2 runs once per image (never over its class enumeration). Its decoder mirrors it
+  with nearest upsampling and residual convs, without normalisation.
 - `mlp`: fully connected layers (`hidden` units) on the flattened input; also the only choice for vector
   inputs (M1+M2). It has no channels, so `model.width` does not apply to it.
 Encoders map x -> features (B, out_dim); decoders map a code (B, in_dim) -> per-pixel parameters.
@@ -165,6 +171,73 @@ class MLPDecoder(nn.Module):
         return fp32(self.out, self.net(z)).view(z.shape[0], *self.shape)
 
 
+def res_plan(image_shape: tuple[int, int, int], width: int) -> ConvPlan:
+    """The residual stack's stages: the stem's channels, then one entry per pooling stage (at most 3)."""
+    _, h, w = image_shape
+    channels = [width]
+    while len(channels) <= 3 and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 8:
+        h, w = h // 2, w // 2
+        channels.append(width * 2 ** len(channels))
+    return ConvPlan(channels, (h, w))
+
+
+class _Residual(nn.Module):
+    """x + f(x), with f two 3x3 convs (batch norm after each when `norm`)."""
+
+    def __init__(self, c: int, norm: bool):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(c, c, 3, padding=1, bias=not norm)]
+        layers += [nn.BatchNorm2d(c), nn.GELU()] if norm else [nn.GELU()]
+        layers += [nn.Conv2d(c, c, 3, padding=1, bias=not norm)]
+        layers += [nn.BatchNorm2d(c)] if norm else []
+        self.f = nn.Sequential(*layers)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.f(x))
+
+
+class ResEncoder(nn.Module):
+    """x (B,C,H,W) -> globally max-pooled features (B, channels of the last stage)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int, hidden: int):
+        super().__init__()
+        plan = res_plan(image_shape, width)
+        layers: list[nn.Module] = [nn.Conv2d(image_shape[0], plan.channels[0], 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(plan.channels[0]), nn.GELU()]
+        for c_in, c_out in zip(plan.channels, plan.channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c_out),
+                       nn.GELU(), _Residual(c_out, norm=True)]
+        layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = plan.channels[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ResDecoder(nn.Module):
+    """z (B, in_dim) -> per-pixel parameters: the encoder's stages in reverse, nearest upsampling."""
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int, hidden: int, in_dim: int,
+                 out_channels: int | None = None):
+        super().__init__()
+        plan = res_plan(image_shape, width)
+        self.plan = plan
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, plan.flat), nn.GELU())
+        layers: list[nn.Module] = [_Residual(plan.channels[-1], norm=False)]
+        rev = plan.channels[::-1]
+        for c_in, c_out in zip(rev, rev[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU(),
+                       _Residual(c_out, norm=False)]
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Conv2d(plan.channels[0], out_channels or image_shape[0], 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.net(self.fc(z).view(z.shape[0], self.plan.channels[-1], *self.plan.out_hw))
+        return fp32(self.out, h)
+
+
 @dataclass(frozen=True)
 class Backbone:
     """An encoder/decoder pair; both take (shape, width, hidden[, in_dim])."""
@@ -177,6 +250,7 @@ class Backbone:
 BACKBONES: Registry[Backbone] = Registry("backbone", "model.backbone")
 BACKBONES.add("small", Backbone(Encoder, Decoder))
 BACKBONES.add("deep", Backbone(DeepEncoder, DeepDecoder))
+BACKBONES.add("resnet", Backbone(ResEncoder, ResDecoder))
 BACKBONES.add("mlp", Backbone(MLPEncoder, MLPDecoder, uses_width=False))
 
 
