@@ -108,7 +108,7 @@ def test_colour_folder_end_to_end(tmp_path, photos, runner):
     """train, eval, sample and classify a colour folder of 64-128 px JPEG/PNG files in RGB, palette, RGBA and
     CMYK at 16x16: the model beats chance (1/3) clearly and every command works on it."""
     root, test_files = photos
-    res = runner.invoke(app, ["train", "recipes/tiny.yaml", *PHOTO, f"data.root={root}", "epochs=12",
+    res = runner.invoke(app, ["train", "recipes/folder-example.yaml", *PHOTO, f"data.root={root}", "epochs=12",
                               "--out", str(tmp_path), "--name", "photo", "--device", "cpu", "--precision", "fp32",
                               "--json", "--quiet"])
     assert res.exit_code == 0, res.output

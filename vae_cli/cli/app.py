@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 import typer
 
 from vae_cli import __version__
-from vae_cli.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_RUNTIME, VaeError
+from vae_cli.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_RUNTIME, VaeError, describe_os_error
 
 app = typer.Typer(
     name="vae",
@@ -70,12 +69,12 @@ def guarded(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except OSError as e:
-            if e.errno != errno.ENOSPC or _state["debug"]:
+        except OSError as e:  # every OS error on a path: one line, and 2 when the path given is the problem
+            described = describe_os_error(e)
+            if described is None or _state["debug"]:
                 raise
-            err(f"error: no space left on the device while writing {e.filename or 'a file'}; free some space "
-                 f"and rerun (training continues with --resume; finished files were not touched)")
-            raise typer.Exit(EXIT_RUNTIME) from None
+            err(f"error: {described[0]}")
+            raise typer.Exit(described[1]) from None
         except MemoryError:
             err("error: out of memory; lower train.batch_size or use a smaller model")
             raise typer.Exit(EXIT_RUNTIME) from None

@@ -35,6 +35,7 @@ def classify(
     files = expand_paths(paths)
     rt = runtime_for(device)
     model, meta = checkpoint.load(weights, rt.device)
+    top_k = min(top_k, len(meta["classes"]))  # a model with K classes has K to show, whatever was asked
     gate = rejection_gate(meta, reject_rate) if reject or reject_rate is not None else None
     rows, failures = classify_paths(model, meta, files, rt, top_k=top_k, batch_size=batch_size, reject=gate)
     for f in failures:

@@ -50,7 +50,7 @@ def eval_(
     device: Device = typer.Option(Device.auto, "--device"),
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="fp32 (default: exact log-likelihoods) | bf16 | fp16 | auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the ELBO's and IWAE's latent draws."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the ELBO's and IWAE's latent draws."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object; keys documented in docs/METRICS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:

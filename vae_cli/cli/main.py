@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from vae_cli.cli.app import app, err
-from vae_cli.core.errors import EXIT_INTERRUPTED
+from vae_cli.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 
 def main() -> None:
@@ -26,6 +27,11 @@ def main() -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         err(f"error: {e.format_message()}{hint}")
         sys.exit(e.exit_code)
+    try:  # output still buffered (a rich table) meets a closed pipe here, after the command returned
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     sys.exit(code if isinstance(code, int) else 0)
 
 

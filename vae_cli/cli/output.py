@@ -23,7 +23,11 @@ def table(title: str | None, rows: list[tuple[str, Any]]) -> None:
     t.add_column()
     for k, v in rows:
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console(soft_wrap=True).print(t)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich's own handler exits 1; ours is the documented 141
+            raise BrokenPipeError
+
+    _Console(soft_wrap=True).print(t)
 
 
 def print_train(result: dict, decision: dict | None) -> None:

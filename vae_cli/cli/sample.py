@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -35,11 +36,13 @@ def sample(
     interpolate: tuple[Path, Path] | None = typer.Option(None, "--interpolate", help="Two images: decode "
                                                          "codes on the line between theirs (A.png B.png)."),
     steps: int = typer.Option(10, "--steps", min=2, max=256, help="Images between the two of --interpolate."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the latent noise."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for the latent noise."),
     device: Device = typer.Option(Device.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the paths written."),
 ) -> None:
     """Draw samples (or reconstructions, or an interpolation) from a trained model into a PNG grid."""
+    if not math.isfinite(temperature):
+        raise UsageError(f"--temperature must be a finite number, got {temperature}")
     if output.suffix.lower() != ".png":
         raise UsageError(f"--output must end in .png, got '{output}'")
     if interpolate and (reconstruct or images):

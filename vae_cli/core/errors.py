@@ -6,6 +6,8 @@ Every subcommand turns a `VaeError` into one line on stderr and its exit code (n
 
 from __future__ import annotations
 
+import errno
+
 # The exit-code table (README.md, "Exit codes"). Keep the two in sync.
 EXIT_OK = 0
 EXIT_RUNTIME = 1  # training diverged, out of memory, an unexpected failure
@@ -25,8 +27,11 @@ class VaeError(Exception):
 
     exit_code = EXIT_RUNTIME
 
+    MAX_CHARS = 600  # a message quoting user input stays readable (and cheap) whatever the input was
+
     def __init__(self, message: str = ""):
-        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
+        text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)[:4 * self.MAX_CHARS])
+        super().__init__(text if len(text) <= self.MAX_CHARS else text[: self.MAX_CHARS - 1] + "…")
 
 
 class UsageError(VaeError):
@@ -62,3 +67,32 @@ class CheckpointError(UsageError):
 
 class ImageError(UsageError):
     pass
+
+
+# errno -> (what went wrong, what to do, exit code): operating-system errors on paths the user gave.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space and rerun (training continues with --resume; "
+                   "finished files were not touched)", EXIT_RUNTIME),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and rerun", EXIT_RUNTIME),
+    errno.EROFS: ("the file system is read-only", "write somewhere else (--out, -o)", EXIT_USAGE),
+    errno.EACCES: ("permission denied", "check the path's permissions or write somewhere else", EXIT_USAGE),
+    errno.EPERM: ("operation not permitted", "check the path's permissions or write somewhere else", EXIT_USAGE),
+    errno.ENAMETOOLONG: ("the file name is too long", "use a shorter name or path", EXIT_USAGE),
+    errno.EISDIR: ("it is a folder", "give a file path", EXIT_USAGE),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "fix the path", EXIT_USAGE),
+    errno.EEXIST: ("it already exists and is not what was expected", "remove it or pick another path", EXIT_USAGE),
+    errno.ELOOP: ("it is a symbolic link (or a loop of them)", "remove the link or pick another path", EXIT_USAGE),
+    errno.ENOENT: ("it does not exist", "check the path", EXIT_USAGE),
+}
+
+
+def describe_os_error(e: OSError) -> tuple[str, int] | None:
+    """One line and an exit code for an operating-system error, or None when it is not one we can explain."""
+    known = _OS_ERRORS.get(e.errno)
+    if known is None:
+        return None
+    what, fix, code = known
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return str(VaeError(f"{what} while writing {e.filename or 'a file'}; {fix}")), code
+    where = f" '{e.filename}'" if e.filename else ""
+    return str(VaeError(f"cannot use the path{where}: {what}; {fix}")), code

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,9 @@ class Recipe:
         return from_dict(set_keys(self.to_dict(), overrides.items()))
 
 
+# integers beyond this are refused: seeds feed numpy (< 2**32) and torch, counts feed tensors
+INT_LIMIT = 2**31 - 1
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
@@ -167,10 +171,11 @@ def all_keys() -> list[str]:
 
 
 def _suggest(bad: str) -> str:
-    """'; did you mean X?' for the closest key, section or bare key name, else the list of keys."""
+    """'; did you mean X?' for the closest key, section or bare key name, else the list of keys. A dotted
+    key (`train.zzz`) is matched against keys only, never against a bare section name."""
     keys = all_keys()
     by_name: dict[str, str] = {}
-    for k in keys + list(SECTIONS):
+    for k in keys + ([] if "." in bad else list(SECTIONS)):
         by_name.setdefault(k, k)
         by_name.setdefault(k.split(".")[-1], k)
     for probe in (bad, bad.split(".")[-1]):
@@ -198,12 +203,20 @@ def _check_value(dotted: str, value: Any, hint: Any, meta: dict) -> Any:
         ok = isinstance(value, bool)
     elif base is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and abs(value) > INT_LIMIT:  # beyond what torch, numpy and the file formats hold
+            raise RecipeError(f"recipe key '{dotted}' is out of range ({str(value)[:30]}...); "
+                              f"use a value below {INT_LIMIT}")
     elif base is float:
         if isinstance(value, str):  # YAML reads 1e-3 as a string (YAML 1.1); accept what float() reads
             with contextlib.suppress(ValueError):
                 value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if ok and not math.isfinite(value):  # NaN passes every comparison, inf every lower bound
+            raise RecipeError(f"recipe key '{dotted}' must be a finite number, got {value!r}")
     elif base is str:
         ok = isinstance(value, str)
     if not ok:
@@ -285,8 +298,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not k:
             raise RecipeError(f"override '{item}' is not key=value (example: model.latent_dim=32)")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = yaml.load(text, Loader=_RecipeLoader) if text.strip() else None  # noqa: S506 (a SafeLoader)
+        except (yaml.YAMLError, RecursionError):
             value = text
         pairs.append((k, value))
     return pairs
@@ -309,6 +322,29 @@ def set_keys(raw: dict[str, Any], pairs: Any) -> dict[str, Any]:
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, stricter: a key given twice is an error (not silently the last one), and
+    anchors/aliases are refused (a recipe never needs them, and nested aliases expand exponentially)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases (*name) are not allowed in a "
+                                                    "recipe; write the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a non-scalar key is reported by the schema ("unknown recipe key")
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value[:60]}' appears twice; "
+                                                        f"keep one", key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe (or the defaults when `path` is None) and apply overrides."""
     raw: Any = {}
@@ -318,7 +354,9 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"recipe file '{p}' not found (give the path to a .yaml recipe, "
                               f"e.g. recipes/digits.yaml)")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+        except RecursionError:
+            raise RecipeError(f"recipe '{p}' is nested too deeply; a recipe is three sections of key: value") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

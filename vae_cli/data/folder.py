@@ -19,7 +19,7 @@ from PIL import Image
 
 from vae_cli.data.base import SPLIT_SEED, register_dataset, stratified_split, take_rows
 from vae_cli.core.errors import DataError, ImageError
-from vae_cli.data.images import load_image
+from vae_cli.data.images import check_regular, load_image
 
 DEFAULT_SIZE = 32
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -42,10 +42,11 @@ def _scan(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
 def _channels(paths: list[str]) -> int:
     for p in paths[:64]:
         try:
+            check_regular(p)  # a FIFO among the files must not block this peek
             with Image.open(p) as im:
                 if im.mode not in GREY_MODES:
                     return 3
-        except OSError:
+        except (OSError, ImageError):
             continue  # decoding below names the bad file
     return 1
 

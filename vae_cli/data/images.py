@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,9 +64,25 @@ def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.resize((w, h), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
 
 
+def check_regular(path: str | Path) -> None:
+    """Refuse what is not a regular file before opening it: a FIFO named like an image would block the
+    open forever, a device would stream without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f"image '{path}' not found") from None
+    except OSError as e:
+        raise ImageError(f"image '{path}' cannot be read ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"'{path}' is a folder, not an image")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"'{path}' is not a regular file (a FIFO, socket or device); give image files")
+
+
 def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """One image file -> float32 array (C, H, W) in [0, 1]. Raises ImageError naming the file."""
     path = Path(path)
+    check_regular(path)
     try:
         with pillow_limits(), Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:  # checked from the header, before decoding anything
@@ -91,7 +108,7 @@ def expand_paths(items: list[str]) -> list[Path]:
     """Files, folders (searched recursively for images) and globs -> sorted, de-duplicated image paths."""
     found: list[Path] = []
     for item in items:
-        if any(ch in item for ch in "*?["):
+        if any(ch in item for ch in "*?[") and not os.path.lexists(item):  # a real `a[1].png` is a file
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise UsageError(f"pattern '{item}' matches no files")

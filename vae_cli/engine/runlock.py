@@ -8,6 +8,7 @@ serves to tell the user who holds a live lock.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 from pathlib import Path
 
 from vae_cli.artifacts.rundir import RunDir
-from vae_cli.core.errors import LockHeld
+from vae_cli.core.errors import LockHeld, UsageError
 
 
 class RunLock:
@@ -24,7 +25,13 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlink planted at .lock must not make us truncate the file it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UsageError(f"'{self.path}' is a symbolic link; remove it (a run folder's lock is a plain "
+                                 f"file)") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
