@@ -147,3 +147,33 @@ def test_info_into_a_closed_pipe_exits_141(tiny_run):
     out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() in ("0", "141"), out  # 0 when the table fit the pipe before it closed
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
+def test_a_run_that_fails_on_bad_data_leaves_no_folder(tmp_path, runner):
+    res = runner.invoke(app, ["train", str(TINY), "data.name=folder", f"data.root={tmp_path / 'nope'}",
+                              "--out", str(tmp_path / "runs"), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 2
+    assert not (tmp_path / "runs" / "tiny").exists()  # so the next run is runs/tiny again, not tiny-2
+
+
+def test_written_files_have_the_usual_permissions_and_no_temp_left(tiny_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "last.safetensors", "metrics.csv", "recipe.yaml"):
+        assert (tiny_run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert not [p.name for p in tiny_run.iterdir() if p.name.startswith((".vae-tmp-", ".model"))]
+
+
+def test_read_only_dataset_builds_never_download(monkeypatch):
+    """eval, plot and sample rebuild the dataset from the weights file's recipe with read_only=True: a
+    recipe saying data.download=true reaches the builder as false."""
+    from vae_cli.data import base
+
+    seen = []
+    original = base.DATASETS.get("digits")
+    monkeypatch.setitem(base.DATASETS._entries, "digits", lambda cfg: seen.append(cfg.download) or original(cfg))
+    from vae_cli.core import recipe as recipe_mod
+
+    raw = recipe_mod.load(TINY, ["data.download=true"])
+    data = base.build_dataset(raw.data, raw.seed, read_only=True)
+    assert seen == [False] and len(data.train_x)

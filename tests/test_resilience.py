@@ -84,7 +84,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, reference, points
     res = _run(_cmd(tmp_path, "r", "--resume"))
     assert res.returncode == 0, res.stderr
     assert _same_weights(reference, run_dir / "model.safetensors")
-    assert not list(run_dir.glob(".*.tmp"))
+    assert not list(run_dir.glob(".*.tmp")) and not list(run_dir.glob(".vae-tmp-*"))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -97,7 +97,8 @@ def test_signal_writes_a_resumable_checkpoint(tmp_path, reference, sig, code):
     assert proc.returncode == code, err
     assert time.monotonic() - t0 < 10
     assert "resumable state" in err and "Traceback" not in err
-    assert (tmp_path / "r" / "last.safetensors").is_file() and not list((tmp_path / "r").glob(".*.tmp"))
+    assert (tmp_path / "r" / "last.safetensors").is_file() and not list((tmp_path / "r").glob(".*.tmp")) \
+        and not list((tmp_path / "r").glob(".vae-tmp-*"))
     res = _run(_cmd(tmp_path, "r", "--resume"))
     assert res.returncode == 0, res.stderr
     assert _same_weights(reference, tmp_path / "r" / "model.safetensors")

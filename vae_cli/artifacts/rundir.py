@@ -9,11 +9,14 @@ the report read it, the lock guards it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from vae_cli.core.errors import UsageError
+from vae_cli.core.fsutil import TEMP_PREFIX
 
 # picture key -> file name, in the order the report shows them
 PICTURES = {
@@ -95,6 +98,22 @@ class RunDir:
                              f"pick another --out") from None
 
     def remove_stale_temp_files(self) -> None:
-        """Temp files from a write that a crash interrupted (the real files are untouched by design)."""
+        """Temp folders (and the older temp files) of writes that a crash interrupted; the real files are
+        untouched by design. Called with the run's lock held, so no live writer owns them."""
+        for tmp in self.root.glob(f"{TEMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
         for tmp in self.root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+
+    def remove_if_unused(self) -> None:
+        """Remove the folder when it holds nothing but the lock and temp folders (a run that failed before
+        writing anything), so the next run gets the same name instead of NAME-2."""
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return
+        if all(e.name == ".lock" or e.name.startswith(TEMP_PREFIX) for e in entries):
+            for e in entries:
+                shutil.rmtree(e, ignore_errors=True) if e.is_dir() and not e.is_symlink() else e.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()

@@ -21,7 +21,7 @@ def load_with_data(weights: Path, device: Device, precision: Precision = Precisi
     rt = runtime_for(device, precision.value)
     model, meta = checkpoint.load(weights, rt.device)
     r = meta["recipe_obj"]
-    data = build_dataset(r.data, r.seed)
+    data = build_dataset(r.data, r.seed, read_only=True)
     if list(data.image_shape) != list(meta["image_shape"]) or len(data.classes) != len(meta["classes"]):
         raise UsageError(f"the dataset now gives images {data.image_shape} and {len(data.classes)} classes "
                          f"but the model expects {tuple(meta['image_shape'])} and {len(meta['classes'])}")

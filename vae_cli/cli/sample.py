@@ -85,4 +85,4 @@ def _reconstruction_inputs(meta: dict, images: list[Path] | None, n: int):
     from vae_cli.data import build_dataset
 
     r = meta["recipe_obj"]
-    return build_dataset(r.data, r.seed).test_x[:n]
+    return build_dataset(r.data, r.seed, read_only=True).test_x[:n]

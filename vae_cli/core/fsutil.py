@@ -6,24 +6,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Temporary folders of unfinished writes start with this; a run folder's stale ones are removed on start.
+TEMP_PREFIX = ".vae-tmp-"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    """Yields a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
+
+    The temporary file sits in a private hidden folder (`.vae-tmp-*`) in the target's folder: writers that
+    make temporary files of their own next to the path they are given (safetensors does) leave them in
+    there too, so a kill at any moment leaves one folder with our prefix, never a stray full-size file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual permissions
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{path.name[:40]}.", dir=path.parent))
+    tmp_path = tmp_dir / path.name
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # temp files are 0600; finished files get the usual permissions
         os.replace(tmp_path, path)
         with contextlib.suppress(OSError):  # directory fsync is not supported everywhere
             dfd = os.open(path.parent, os.O_RDONLY)
@@ -32,8 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             finally:
                 os.close(dfd)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -6,6 +6,7 @@ training loop batches by slicing. Builders register themselves by `data.name`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,7 +95,11 @@ def conform(x: np.ndarray, cfg) -> np.ndarray:
     return x
 
 
-def build_dataset(cfg, seed: int) -> Dataset:
+def build_dataset(cfg, seed: int, read_only: bool = False) -> Dataset:
+    """The recipe's dataset. `read_only` (commands that only read a model: eval, plot, sample) never
+    downloads, whatever `data.download` the weights file's recipe says: a file must not make us write."""
+    if read_only and cfg.download:
+        cfg = dataclasses.replace(cfg, download=False)
     builder = DATASETS.get(cfg.name)
     train_x, train_y, test_x, test_y, classes = builder(cfg)
     if len(train_x) == 0:

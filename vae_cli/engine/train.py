@@ -35,9 +35,15 @@ def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, 
         reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
         rt = resolve(recipe.train.device, recipe.train.precision, d.local_rank)
         run = RunDir.create(out, name or recipe.name or "run", exist_ok or resume) if d.is_main else None
+        fresh = d.is_main and not any(run.root.iterdir())
         run = RunDir(d.share_path(run.root if run else None, rt.device))
-        with RunLock(run.root) if d.is_main else nullcontext(), seeded_everything(recipe.seed, rt.device):
-            return _train_in(run, recipe, resume, reporter, rt, d)
+        try:
+            with RunLock(run.root) if d.is_main else nullcontext(), seeded_everything(recipe.seed, rt.device):
+                return _train_in(run, recipe, resume, reporter, rt, d)
+        except BaseException:
+            if fresh:  # failed before writing anything (bad data, say): leave no empty runs/NAME behind
+                run.remove_if_unused()
+            raise
     finally:
         distributed.teardown(d)
 
