@@ -177,3 +177,42 @@ def test_read_only_dataset_builds_never_download(monkeypatch):
     raw = recipe_mod.load(TINY, ["data.download=true"])
     data = base.build_dataset(raw.data, raw.seed, read_only=True)
     assert seen == [False] and len(data.train_x)
+
+
+def test_mnist_reads_raw_files_never_a_processed_pickle(tmp_path):
+    """torchvision prefers processed/*.pt (read with torch.load) when present: a root must not reach it."""
+    import numpy as np
+    import torch
+
+    from tests.test_datasets import _idx
+    from vae_cli.core.recipe import DataConfig
+    from vae_cli.data import build_dataset
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    _idx(raw / "train-images-idx3-ubyte", rng.randint(0, 256, (30, 28, 28)), False)
+    _idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10, True)
+    _idx(raw / "t10k-images-idx3-ubyte", rng.randint(0, 256, (10, 28, 28)), False)
+    _idx(raw / "t10k-labels-idx1-ubyte", np.arange(10), True)
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    for name in ("training.pt", "test.pt"):
+        torch.save((torch.zeros(5, 28, 28, dtype=torch.uint8), torch.zeros(5, dtype=torch.long)), processed / name)
+    d = build_dataset(DataConfig(name="mnist", root=str(tmp_path), holdout_fraction=0), 0)
+    assert d.train_x.shape == (30, 1, 28, 28) and d.test_x.shape == (10, 1, 28, 28)
+
+
+def test_a_damaged_resume_state_is_one_line_exit_2(tmp_path, runner):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    args = ["train", str(TINY), "--out", str(tmp_path), "--name", "r", "--device", "cpu", "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    state = tmp_path / "r" / "last.safetensors"
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    save_file({"perm": torch.arange(3)}, str(state), metadata=meta)  # the same recipe, the tensors gone
+    res = runner.invoke(app, [*args, "--resume"])
+    assert "delete it to start the run over" in _one_line(res, 2)

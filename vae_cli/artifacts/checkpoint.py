@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise CheckpointError(f"'{p}' is a folder, not a weights file (give runs/NAME/model.safetensors)")
-    if not p.is_file():
+    if not p.exists():
         raise CheckpointError(f"weights file '{p}' not found (train one with `vae train RECIPE`)")
+    if not p.is_file():
+        raise CheckpointError(f"'{p}' is not a regular file (a FIFO, socket or device); give a weights file")
     try:
         with safe_open(str(p), framework="numpy") as f:
             raw = f.metadata() or {}
@@ -57,10 +60,52 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 meta[k] = json.loads(meta[k])
             except json.JSONDecodeError:
                 raise CheckpointError(f"'{p}' has damaged metadata '{k}'; restore the file or retrain") from None
-    for k in ("recipe", "classes", "image_shape", "model"):
+    for k in ("recipe", "classes", "image_shape", "model", "preprocess"):
         if k not in meta:
             raise CheckpointError(f"'{p}' lacks metadata '{k}'; restore the file or retrain")
+    for k, check in SCHEMA.items():
+        if k in meta and not check(meta[k]):
+            raise CheckpointError(f"'{p}' has damaged metadata '{k}' (not {SCHEMA_TEXT[k]}); restore the file "
+                                  f"or retrain")
+    if meta["preprocess"].get("channels", meta["image_shape"][0]) != meta["image_shape"][0]:
+        raise CheckpointError(f"'{p}' has damaged metadata 'preprocess' (channels differ from image_shape); "
+                              f"restore the file or retrain")
     return meta
+
+
+def _ints(v: Any, n: int, lo: int, hi: int) -> bool:
+    return (isinstance(v, list) and len(v) == n
+            and all(isinstance(i, int) and not isinstance(i, bool) and lo <= i <= hi for i in v))
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Every metadata key a command reads, and what it must be: checked on every load, so a tampered or
+# damaged file is one line (exit 2) instead of a KeyError or TypeError deep inside a command.
+SCHEMA: dict[str, Any] = {
+    "model": lambda v: isinstance(v, str) and 0 < len(v) <= 100,
+    "recipe": lambda v: isinstance(v, dict),
+    "classes": lambda v: isinstance(v, list) and 1 <= len(v) <= 100_000 and all(isinstance(c, str) for c in v),
+    "image_shape": lambda v: _ints(v, 3, 1, 16_384) and v[0] in (1, 3),
+    "preprocess": lambda v: isinstance(v, dict) and (
+        (("channels" not in v) or v["channels"] in (1, 3))
+        and (("size" not in v) or _ints(v["size"], 2, 1, 16_384))
+        and (("levels" not in v) or (isinstance(v["levels"], int) and 2 <= v["levels"] <= 65_536))
+        and (("binarize" not in v) or isinstance(v["binarize"], bool))),
+    "metrics": lambda v: isinstance(v, dict),
+    "labelled_indices": lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v),
+    "reject": lambda v: v is None or (isinstance(v, dict) and _num(v.get("threshold")) and _num(v.get("rate"))
+                                      and isinstance(v.get("holdout_scores", []), list)
+                                      and all(_num(x) for x in v.get("holdout_scores", []))),
+    "runtime": lambda v: v is None or isinstance(v, dict),
+    "head": lambda v: v is None or isinstance(v, dict),
+}
+SCHEMA_TEXT = {"model": "a model name", "recipe": "a mapping", "classes": "a list of class names",
+               "image_shape": "[channels 1 or 3, height, width]", "preprocess": "a mapping of channels, size, levels",
+               "metrics": "a mapping", "labelled_indices": "a list of indices",
+               "reject": "a threshold, a rate and held-out scores", "runtime": "a mapping", "head": "a mapping"}
 
 
 def save(path: str | Path, model, *, classes: list[str], preprocess: dict, metrics: dict,

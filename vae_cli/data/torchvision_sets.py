@@ -35,11 +35,21 @@ def _mnist_gz_present(cls, root: str) -> bool:
     return bool(resources) and all((raw / os.path.basename(url)).is_file() for url, _ in resources)
 
 
+def _raw_files_only(cls):
+    """torchvision's MNIST family prefers an old `processed/*.pt` cache over the raw IDX files when one
+    exists, and reads it with torch.load. A root (from a recipe, or a weights file's recipe) must never make
+    this tool unpickle, so the cache is never looked at: the same class, under the same name (its folders
+    are named after the class), with that check answering no."""
+    if not hasattr(cls, "_check_legacy_exist"):
+        return cls
+    return type(cls.__name__, (cls,), {"_check_legacy_exist": lambda self: False})
+
+
 def _open(name: str, cfg, train: bool):
     import torchvision.datasets as tvd
 
     cls_name, where, what = SOURCES[name]
-    cls = getattr(tvd, cls_name)
+    cls = _raw_files_only(getattr(tvd, cls_name))
     root = os.path.expanduser(cfg.root)
     place = where.format(root=root)
     kwargs = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}

@@ -23,7 +23,7 @@ import torch
 from vae_cli.artifacts.rundir import RunDir
 from vae_cli.core import fsutil
 from vae_cli.core.console import Reporter
-from vae_cli.core.errors import Interrupted, UsageError, VaeError
+from vae_cli.core.errors import CheckpointError, Interrupted, UsageError, VaeError
 from vae_cli.core.recipe import Recipe
 from vae_cli.core.runtime import Runtime
 from vae_cli.data import SPLIT_SEED, Dataset
@@ -151,15 +151,21 @@ class Loop:
 
     def resume_from(self, path: Path) -> None:
         tensors, meta = state.load(path)
+        if not isinstance(meta.get("recipe"), dict):
+            raise CheckpointError(f"resume state '{path}' has no readable recipe; delete it to start the run over")
         diffs = _recipe_differences(meta["recipe"], self.recipe.to_dict())
         if diffs:
             raise UsageError(f"cannot resume '{path.parent}': the recipe differs from the interrupted run's in "
                              f"{', '.join(diffs)}; resume with the same recipe, or start a new run with --name")
-        self.perm, self.progress = state.restore(tensors, meta, model=self.model, opt=self.opt, sched=self.sched,
-                                                 scaler=self.scaler, gen=self.gen, device=self.rt.device,
-                                                 rank=self.d.rank)
-        if self.ema is not None:
-            self.ema.load(tensors)
+        try:
+            self.perm, self.progress = state.restore(tensors, meta, model=self.model, opt=self.opt,
+                                                     sched=self.sched, scaler=self.scaler, gen=self.gen,
+                                                     device=self.rt.device, rank=self.d.rank)
+            if self.ema is not None:
+                self.ema.load(tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # a damaged or foreign state
+            raise CheckpointError(f"resume state '{path}' is damaged ({type(e).__name__}: {str(e)[:120]}); delete "
+                                  f"it to start the run over") from None
 
     def save_state(self) -> None:
         # every rank's own noise stream travels with the state (gathered: a collective, so all ranks call it)
