@@ -6,7 +6,7 @@ VAE    := $(VENV)/bin/vae
 STAMP  := $(VENV)/.installed
 RUN    := runs/digits
 
-.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval bench-cifar
+.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval bench-cifar bench-concurrency
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,3 +59,7 @@ bench-eval: $(STAMP)
 # Colour photos: CIFAR-10 JPEG folders (../shared/data/cifar10) with 4000 labels; test error and time.
 bench-cifar: $(STAMP)
 	$(PY) scripts/bench_cifar.py
+
+# Trainings side by side: one alone, then 2 and 3 at once; images/s each and in total.
+bench-concurrency: $(STAMP)
+	$(PY) scripts/bench_concurrency.py

@@ -134,3 +134,17 @@ def test_pillow_limits_are_set_only_while_decoding(tmp_path):
     finally:
         Image.open = real_open
     assert seen == [2 * images.MAX_PIXELS] and before == Image.MAX_IMAGE_PIXELS
+
+
+def test_every_training_step_runs_in_training_mode(tmp_path, monkeypatch):
+    """The per-epoch evaluation switches the model to eval mode; every later epoch must switch it back
+    (once it did not: epochs 2+ ran without dropout and with frozen batch-norm statistics)."""
+    from vae_cli.engine import train
+    from vae_cli.models.vae import VAE
+
+    modes = []
+    real = VAE.loss
+    monkeypatch.setattr(VAE, "loss", lambda self, batch, kl: modes.append(self.training) or real(self, batch, kl))
+    r = R.load(TINY, ["train.device=cpu", "epochs=3"])
+    train.train(r, out=tmp_path, name="modes", reporter=Reporter(quiet=True))
+    assert len(modes) > 3 and all(modes)

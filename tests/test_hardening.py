@@ -216,3 +216,10 @@ def test_a_damaged_resume_state_is_one_line_exit_2(tmp_path, runner):
     save_file({"perm": torch.arange(3)}, str(state), metadata=meta)  # the same recipe, the tensors gone
     res = runner.invoke(app, [*args, "--resume"])
     assert "delete it to start the run over" in _one_line(res, 2)
+
+
+def test_nul_characters_in_recipe_text_are_refused(tmp_path):
+    p = tmp_path / "nul.yaml"
+    p.write_text('data:\n  root: "a\\0b"\n')
+    with pytest.raises(RecipeError, match="NUL"):
+        R.load(p)

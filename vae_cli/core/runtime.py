@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vae_cli.core import cpu
+from vae_cli.core.cpu import CpuBudget
 from vae_cli.core.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,7 +40,35 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def apply_cpu_budget(budget: CpuBudget | None = None) -> CpuBudget:
+    """Set torch's intra-op and inter-op threads and the BLAS/OpenMP pools (threadpoolctl) to the budget.
+    Called by every command that computes (through `resolve`), once per process."""
+    budget = budget or cpu.detect()
+    torch.set_num_threads(budget.intra_op)
+    with contextlib.suppress(RuntimeError):  # inter-op threads can be set only before they first run
+        torch.set_num_interop_threads(budget.inter_op)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(budget.intra_op)  # numpy/scikit-learn's BLAS and OpenMP (t-SNE, probes)
+    except ImportError:  # scikit-learn brings threadpoolctl; without it only torch is limited
+        pass
+    _applied["budget"] = budget
+    return budget
+
+
+_applied: dict = {}
+
+
+def cpu_budget() -> CpuBudget:
+    """The budget in force: decided again on each call (--threads, $VAE_THREADS, affinity and quota are
+    cheap to read) and applied when it changed."""
+    budget = cpu.detect()
+    return _applied["budget"] if _applied.get("budget") == budget else apply_cpu_budget(budget)
+
+
 def resolve(device: str = "auto", precision: str = "auto", local_rank: int = 0) -> Runtime:
+    cpu_budget()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

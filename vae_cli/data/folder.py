@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from vae_cli.data.base import SPLIT_SEED, register_dataset, stratified_split, take_rows
+from vae_cli.core import cpu
 from vae_cli.core.errors import DataError, ImageError
 from vae_cli.data.images import check_regular, load_image
 
@@ -58,7 +59,7 @@ def _decode(samples: list[tuple[str, int]], channels: int, size: tuple[int, int]
         except ImageError as e:
             raise DataError(f"{e} (found while loading the folder dataset; remove or replace the file)") from None
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(cpu.detect().decode_threads) as pool:
         x = list(pool.map(one, [p for p, _ in samples]))
     return np.stack(x).astype(np.float32), np.array([c for _, c in samples], dtype=np.int64)
 
@@ -93,7 +94,7 @@ def build_folder(cfg):
     load = _decode
     if decoded_gb > cfg.memory_limit_gb:
         # on 2 cores, 1 worker measured 1,414 images/s and 2 workers 1,371: the workers take training's cores
-        workers = cfg.workers if cfg.workers is not None else max(1, min(4, (os.cpu_count() or 2) - 1))
+        workers = cfg.workers if cfg.workers is not None else cpu.detect().loader_workers
         load = functools.partial(_files, workers=workers)
     x, y = load(train_samples, channels, size)
     if test_dir is None:

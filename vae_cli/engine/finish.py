@@ -15,7 +15,7 @@ from vae_cli.artifacts.rundir import RunDir
 from vae_cli.core.console import Reporter
 from vae_cli.core.errors import VaeError
 from vae_cli.core.recipe import Recipe
-from vae_cli.core.runtime import Runtime, seeded
+from vae_cli.core.runtime import Runtime, cpu_budget, seeded
 from vae_cli.data import Dataset
 from vae_cli.data.streaming import is_lazy
 from vae_cli.engine import distributed
@@ -68,6 +68,7 @@ class TrainResult:
     test: dict[str, Any]  # the final evaluation on the whole test split (keys: docs/METRICS.md)
     pictures: dict[str, str] = field(default_factory=dict)  # picture key -> path written
     reject: dict[str, Any] | None = None  # the --reject calibration, without the held-out scores
+    cpu: dict[str, Any] = field(default_factory=dict)  # the CPU budget (threads and where they came from)
 
     @property
     def paths(self) -> dict[str, str]:
@@ -76,7 +77,8 @@ class TrainResult:
     def to_json(self) -> dict[str, Any]:
         out = {"run_dir": str(self.run.root), "paths": self.paths, "device": self.device,
                "precision": self.precision, "epochs": self.epochs, "processes": self.processes, "rank": self.rank,
-               "rank_checksums": self.rank_checksums, "train_seconds": self.train_seconds, "test": self.test}
+               "rank_checksums": self.rank_checksums, "train_seconds": self.train_seconds, "test": self.test,
+               "cpu": self.cpu}
         if self.reject is not None:
             out["reject"] = self.reject
         return out
@@ -107,7 +109,7 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
     summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n")}
     summary["train_seconds"] = round(seconds, 2)
     result = TrainResult(run, rt.device.type, rt.precision, len(rows), d.world, d.rank, checksums,
-                         round(seconds, 2), metrics)
+                         round(seconds, 2), metrics, cpu=cpu_budget().as_dict())
     if not d.is_main:
         return result
     reject = calibrate_rejection(model, data, recipe, rt)

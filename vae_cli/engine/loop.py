@@ -268,6 +268,10 @@ class Loop:
         if not p.order_drawn:
             self.perm = torch.randperm(len(self.x), generator=self.gen).to(rt.device)
             p.sums, p.epoch_seconds, p.order_drawn = {}, 0.0, True
+        # training mode for every epoch: the evaluation at the end of the last one left the model in eval mode
+        # (until this line existed, epochs 2+ ran without dropout and with batch-norm statistics frozen, and
+        # a resumed run differed from an uninterrupted one for models that have either)
+        self.model.train()
         t0 = time.perf_counter()
         steps = range(p.step_in_epoch, self.steps_per_epoch)
         shards = [self.d.shard(self.perm[i * self.bs:(i + 1) * self.bs]) for i in steps]

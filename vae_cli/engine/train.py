@@ -16,7 +16,7 @@ from vae_cli.artifacts.rundir import RunDir
 from vae_cli.core import fsutil
 from vae_cli.core.console import Reporter
 from vae_cli.core.recipe import Recipe
-from vae_cli.core.runtime import Runtime, resolve, seeded_everything
+from vae_cli.core.runtime import Runtime, cpu_budget, resolve, seeded_everything
 from vae_cli.data import build_dataset
 from vae_cli.engine import distributed
 from vae_cli.engine.distributed import Dist
@@ -69,6 +69,6 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
     procs = f", {d.world} processes" if d.enabled else ""
     reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
                  f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
-                 f"{rt.device.type}/{rt.precision}{procs} -> {run.root}")
+                 f"{rt.device.type}/{rt.precision}{procs}, {cpu_budget().describe()} -> {run.root}")
     rows = loop.run()
     return finish(model, data, recipe, rt, run, rows, reporter, time.perf_counter() - t_start, d)
