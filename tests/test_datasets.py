@@ -91,14 +91,20 @@ def _idx(path: Path, arr: np.ndarray, labels: bool) -> None:
     path.write_bytes(header + arr.astype(np.uint8).tobytes())
 
 
-def test_torchvision_mnist_layout_from_real_idx_files(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
+def mnist_idx_root(root):
+    """A torchvision MNIST root with real (uncompressed) IDX files: 30 training and 10 test images."""
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.RandomState(0)
     _idx(raw / "train-images-idx3-ubyte", rng.randint(0, 256, (30, 28, 28)), False)
     _idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10, True)
     _idx(raw / "t10k-images-idx3-ubyte", rng.randint(0, 256, (10, 28, 28)), False)
     _idx(raw / "t10k-labels-idx1-ubyte", np.arange(10), True)
+    return root
+
+
+def test_torchvision_mnist_layout_from_real_idx_files(tmp_path):
+    mnist_idx_root(tmp_path)
     d = build_dataset(DataConfig(name="mnist", root=str(tmp_path), holdout_fraction=0), 0)
     assert d.train_x.shape == (30, 1, 28, 28) and d.test_x.shape == (10, 1, 28, 28)
     assert len(d.classes) == 10 and d.train_y.tolist()[:3] == [0, 1, 2]

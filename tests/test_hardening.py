@@ -181,20 +181,13 @@ def test_read_only_dataset_builds_never_download(monkeypatch):
 
 def test_mnist_reads_raw_files_never_a_processed_pickle(tmp_path):
     """torchvision prefers processed/*.pt (read with torch.load) when present: a root must not reach it."""
-    import numpy as np
     import torch
 
-    from tests.test_datasets import _idx
+    from tests.test_datasets import mnist_idx_root
     from vae_cli.core.recipe import DataConfig
     from vae_cli.data import build_dataset
 
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.RandomState(0)
-    _idx(raw / "train-images-idx3-ubyte", rng.randint(0, 256, (30, 28, 28)), False)
-    _idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10, True)
-    _idx(raw / "t10k-images-idx3-ubyte", rng.randint(0, 256, (10, 28, 28)), False)
-    _idx(raw / "t10k-labels-idx1-ubyte", np.arange(10), True)
+    mnist_idx_root(tmp_path)
     processed = tmp_path / "MNIST" / "processed"
     processed.mkdir()
     for name in ("training.pt", "test.pt"):
