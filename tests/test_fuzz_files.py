@@ -113,3 +113,13 @@ def test_every_file_kind_as_an_image(tmp_path, tiny_run, runner, kind):
         res = runner.invoke(app, argv)
         assert res.exit_code == 2, (kind, argv[0], res.stderr)
         _clean(res)
+
+
+def test_an_empty_recipe_in_the_metadata_is_shown_with_defaults(tmp_path, tiny_parts, runner):
+    """Found by the fuzz above: `recipe: {}` made `vae info` fail with a KeyError (exit 1)."""
+    tensors, meta = tiny_parts
+    w = tmp_path / "model.safetensors"
+    save_file(tensors, str(w), metadata={**meta, "recipe": "{}"})
+    res = runner.invoke(app, ["info", str(w)])
+    _clean(res)
+    assert res.exit_code == 0 and "digits" in res.stdout

@@ -42,11 +42,18 @@ def info(
     if as_json:
         show.print_json(meta)
         return
-    r = meta["recipe"]
+    from vae_cli.core import recipe as recipe_mod
+    from vae_cli.core.errors import CheckpointError, RecipeError
+
+    try:  # the recipe as the file's model would be rebuilt from it (defaults filled, values checked)
+        r = recipe_mod.from_dict(meta["recipe"]).to_dict()
+    except RecipeError as e:
+        raise CheckpointError(f"'{weights}' carries a recipe this version cannot read ({e})") from None
     rows = [("file", str(weights)), ("model", meta["model"]), ("dataset", r["data"]["name"]),
             ("classes", ", ".join(meta["classes"])), ("image shape", "x".join(map(str, meta["image_shape"]))),
             ("latent dim", r["model"]["latent_dim"]), ("likelihood", r["model"]["likelihood"]),
-            ("labelled images", meta["labelled_count"]), ("version", meta["version"]), ("created", meta["created"])]
+            ("labelled images", meta["labelled_count"]), ("version", meta.get("version", "?")),
+            ("created", meta.get("created", "?"))]
     rows += [(f"metric {k}", v) for k, v in meta.get("metrics", {}).items()]
     rej = meta.get("reject")
     if rej:

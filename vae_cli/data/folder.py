@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vae_cli.data.base import SPLIT_SEED, register_dataset, stratified_split, take_rows
 from vae_cli.core import cpu
 from vae_cli.core.errors import DataError, ImageError
+from vae_cli.data.base import SPLIT_SEED, register_dataset, stratified_split, take_rows
 from vae_cli.data.images import check_regular, load_image
 
 DEFAULT_SIZE = 32

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_cli.data.base import register_dataset
 from vae_cli.core.errors import DataError
+from vae_cli.data.base import register_dataset
 
 # name -> (torchvision class name, how its files sit under root, what a user should put there)
 SOURCES = {
