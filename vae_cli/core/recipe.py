@@ -300,7 +300,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not k:
             raise RecipeError(f"override '{item}' is not key=value (example: model.latent_dim=32)")
         try:
-            value = yaml.load(text, Loader=_RecipeLoader) if text.strip() else None  # noqa: S506 (a SafeLoader)
+            value = safe_yaml(text) if text.strip() else None
         except (yaml.YAMLError, RecursionError):
             value = text
         pairs.append((k, value))
@@ -324,27 +324,27 @@ def set_keys(raw: dict[str, Any], pairs: Any) -> dict[str, Any]:
     return out
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, stricter: a key given twice is an error (not silently the last one), and
-    anchors/aliases are refused (a recipe never needs them, and nested aliases expand exponentially)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+def safe_yaml(text: str):
+    """yaml.safe_load, stricter: anchors/aliases are refused (a recipe never needs them, and nested aliases
+    expand exponentially) and a key given twice is an error, not silently the last one. The checks read
+    the event stream and the node tree (no construction), then yaml.safe_load builds the values."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
             raise yaml.constructor.ConstructorError(None, None, "anchors and aliases (*name) are not allowed in a "
                                                     "recipe; write the values out", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue  # a non-scalar key is reported by the schema ("unknown recipe key")
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value[:60]}' appears twice; "
-                                                        f"keep one", key_node.start_mark)
-            seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]  # no aliases: a tree, walked once
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            for k_node, _ in node.value:
+                if isinstance(k_node, yaml.ScalarNode) and keys.count(k_node.value) > 1:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{k_node.value[:60]}' appears twice; "
+                                                            f"keep one", k_node.start_mark)
+            stack += [v for _, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+    return yaml.safe_load(text)
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -356,7 +356,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"recipe file '{p}' not found (give the path to a .yaml recipe, "
                               f"e.g. recipes/digits.yaml)")
         try:
-            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+            raw = safe_yaml(p.read_text(encoding="utf-8"))
         except RecursionError:
             raise RecipeError(f"recipe '{p}' is nested too deeply; a recipe is three sections of key: value") from None
         except yaml.YAMLError as e:
