@@ -6,7 +6,7 @@ VAE    := $(VENV)/bin/vae
 STAMP  := $(VENV)/.installed
 RUN    := runs/digits
 
-.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval bench-cifar bench-concurrency
+.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval bench-cifar bench-reject bench-export bench-concurrency
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,16 @@ bench-eval: $(STAMP)
 # Colour photos: CIFAR-10 JPEG folders (../shared/data/cifar10) with 4000 labels; test error and time.
 bench-cifar: $(STAMP)
 	$(PY) scripts/bench_cifar.py
+
+# --reject on colour photos: the bench-cifar model against noise, constant, gradient, MNIST, garment,
+# flipped/inverted CIFAR and synthetic-scene PNG sets; AUROC per set and score.
+bench-reject: $(STAMP)
+	$(PY) scripts/bench_reject.py
+
+# The exported ONNX classifier in onnxruntime against `vae classify` on 10,000 MNIST PNGs (needs the
+# bench-accuracy model).
+bench-export: $(STAMP)
+	$(PY) scripts/bench_export.py
 
 # Trainings side by side: one alone, then 2 and 3 at once; images/s each and in total.
 bench-concurrency: $(STAMP)

@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 PKG = ROOT / "vae_cli"
 # bottom to top; the top-level __main__ may use everything
-LAYERS = ["core", "data", "models", "evaluation", "artifacts", "engine", "cli"]
+LAYERS = ["core", "data", "models", "evaluation", "artifacts", "engine", "api", "cli"]
 
 
 def _module_name(path) -> str:

@@ -82,6 +82,12 @@ def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _components_ok(v) -> bool:
+    """Per-image held-out values of each --reject score: lists of numbers of one length."""
+    return (isinstance(v, dict) and all(isinstance(c, list) and all(_num(x) for x in c) for c in v.values())
+            and len({len(c) for c in v.values()}) <= 1)
+
+
 # Every metadata key a command reads, and what it must be: checked on every load, so a tampered or
 # damaged file is one line (exit 2) instead of a KeyError or TypeError deep inside a command.
 SCHEMA: dict[str, Any] = {
@@ -98,7 +104,8 @@ SCHEMA: dict[str, Any] = {
     "labelled_indices": lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v),
     "reject": lambda v: v is None or (isinstance(v, dict) and _num(v.get("threshold")) and _num(v.get("rate"))
                                       and isinstance(v.get("holdout_scores", []), list)
-                                      and all(_num(x) for x in v.get("holdout_scores", []))),
+                                      and all(_num(x) for x in v.get("holdout_scores", []))
+                                      and _components_ok(v.get("components", {}))),
     "runtime": lambda v: v is None or isinstance(v, dict),
     "head": lambda v: v is None or isinstance(v, dict),
 }

@@ -18,7 +18,7 @@ app = typer.Typer(
     name="vae",
     help="Train Variational Autoencoders on images; classify (even with few labels), sample, reconstruct.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -111,6 +111,26 @@ def _main(
         except VaeError as e:
             err(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
+
+
+def runtime_name(device: Device) -> str:
+    return device.value
+
+
+def path_args(items: list[str]) -> list[str]:
+    """Command-line paths with '-' replaced by the paths on standard input, one per line (blank lines and
+    surrounding whitespace ignored), so `find . -name '*.png' | vae classify model.safetensors -` works."""
+    out: list[str] = []
+    for item in items:
+        if item == "-":
+            out += [p for p in (line.rstrip("\r\n") for line in sys.stdin) if p.strip()]
+        else:
+            out.append(item)
+    if not out:
+        from vae_cli.core.errors import UsageError
+
+        raise UsageError("no image paths given (standard input was empty)")
+    return out
 
 
 def runtime_for(device: Device, precision: str = "auto"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import Device, Precision, app, guarded, runtime_for
+from vae_cli.cli.app import Device, Precision, app, err, guarded, runtime_for
 from vae_cli.core.errors import UsageError
 
 SPLITS = ("test", "train", "holdout")
@@ -51,6 +51,11 @@ def eval_(
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="fp32 (default: exact log-likelihoods) | bf16 | fp16 | auto."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the ELBO's and IWAE's latent draws."),
+    ood: list[str] = typer.Option([], "--ood", help="Outlier images to test --reject against (a folder, file or "
+                                  "glob; repeat for more sets): AUROC, AUPR and reject rates of every score."),
+    reject_rate: float | None = typer.Option(None, "--reject-rate", min=0.0, max=0.5,
+                                             help="With --ood: the held-out false-reject rate that sets each "
+                                                  "score's threshold (default: the recipe's)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object; keys documented in docs/METRICS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
@@ -72,13 +77,34 @@ def eval_(
 
     reporter = Reporter(quiet=quiet)
     progress = reporter.counter(len(x), f"IWAE K={iw_samples}") if iw_samples else None
+    failures: list[str] = []
     try:
         res = evaluate(model, x, y, meta["classes"], rt, seed=seed, iw_samples=iw_samples, levels=data.levels,
                        probe=probe, progress=progress)
+        res["ood"] = None
+        if ood:
+            res["ood"], failures = _ood(model, meta, x, ood, rt, seed, reject_rate, reporter)
     finally:
         reporter.stop()
     res = {"weights": str(weights), "split": split, "precision": rt.precision, **res}
+    for f in failures:
+        err(f"error: {f}")
     if as_json:
         show.print_json(res)
     else:
         show.print_eval(res)
+        if res["ood"]:
+            show.print_ood(res["ood"])
+    if failures:
+        err(f"{len(failures)} outlier images could not be read")
+        raise typer.Exit(UsageError.exit_code)
+
+
+def _ood(model, meta, x, items: list[str], rt, seed: int, rate: float | None, reporter):
+    from vae_cli.data.images import expand_paths
+    from vae_cli.evaluation.ood import ood_report
+
+    sets = {item: expand_paths([item]) for item in items}  # each argument is one outlier set
+    n = len(x) + sum(len(v) for v in sets.values())
+    progress = reporter.counter(n, "--ood scores")
+    return ood_report(model, meta, x, sets, rt, seed=seed, rate=rate, progress=progress)

@@ -19,12 +19,25 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     defaults: bool = typer.Option(False, "--defaults", help="Print every recipe key with default and help."),
     models: bool = typer.Option(False, "--models", help="List the registered models."),
+    recipes: bool = typer.Option(False, "--recipes", help="List the shipped recipes (`vae train NAME` runs one)."),
 ) -> None:
     """Show a weights file's metadata (model, data, classes, image shape, metrics, version)."""
     if defaults:
         from vae_cli.core.recipe import defaults_yaml
 
         print(defaults_yaml(), end="")
+        return
+    if recipes:
+        from vae_cli.core import builtin
+
+        listing = {n: {"path": str(builtin.path_of(n)), "summary": builtin.summary(n)}
+                   for n in builtin.names()}
+        if as_json:
+            show.print_json(listing)
+        else:
+            width = max(map(len, listing)) + 2
+            for n, v in listing.items():
+                print(f"{n.ljust(width)}{v['summary']}")
         return
     if models:
         from vae_cli.models import REGISTRY
@@ -33,7 +46,8 @@ def info(
             print(f"{name}\t{(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
         return
     if weights is None:
-        raise UsageError("give a weights file (vae info runs/NAME/model.safetensors), or --defaults / --models")
+        raise UsageError("give a weights file (vae info runs/NAME/model.safetensors), or --defaults / --models / "
+                         "--recipes")
     from vae_cli.artifacts.checkpoint import read_metadata
     from vae_cli.evaluation.catalog import describe_reject
 

@@ -55,7 +55,7 @@ def print_confusion(classes: list[str], cm: list[list[int]]) -> None:
 
 
 def print_rows(rows: list[dict], fmt: str, top_k: int) -> None:
-    """One row per image; with --reject also its log-likelihood score and the verdict."""
+    """One row per image; with --reject also its score (higher: more like the training data) and the verdict."""
     if fmt == "json":
         print_json(rows)
         return
@@ -65,15 +65,15 @@ def print_rows(rows: list[dict], fmt: str, top_k: int) -> None:
         header = ["path"]
         for i in range(1, top_k + 1):
             header += [f"class_{i}", f"prob_{i}"] if top_k > 1 else ["class", "prob"]
-        w.writerow(header + (["log_likelihood", "rejected"] if gated else []))
+        w.writerow(header + (["reject_score", "rejected"] if gated else []))
         for r in rows:
             gate = [f"{r['score']:.3f}", str(r["rejected"]).lower()] if gated else []
             w.writerow([r["path"]] + [v for p in r["top"] for v in (p["class"], f"{p['prob']:.6f}")] + gate)
         return
     for r in rows:
         preds = "  ".join(f"{p['class']} {p['prob']:.4f}" for p in r["top"])
-        gate = (f"\tREJECTED (log p(x) {r['score']:.1f}: unlike the training data)" if r["rejected"]
-                else f"\tok (log p(x) {r['score']:.1f})") if gated else ""
+        gate = (f"\tREJECTED (score {r['score']:.4g}: unlike the training data)" if r["rejected"]
+                else f"\tok (score {r['score']:.4g})") if gated else ""
         print(f"{r['path']}\t{preds}{gate}")
 
 
@@ -87,3 +87,18 @@ def print_eval(res: dict) -> None:
     for c, v in res["per_class"].items():
         print(c.ljust(width) + f"{v['precision']:10.4f}{v['recall']:10.4f}{v['f1']:10.4f}{v['support']:10d}")
     print_confusion(list(res["per_class"]), res["confusion_matrix"])
+
+
+def print_ood(rep: dict) -> None:
+    """`vae eval --ood` for people: per outlier set, each score's AUROC, AUPR and reject rates."""
+    print(f"\n--reject against outlier sets ({rep['in_images']} in-distribution images; each score's threshold "
+          f"rejects {rep['rate']:.1%} of held-out training images; * = the model's score)")
+    names = list(rep["false_reject_rate"])
+    width = max(len("score"), *(len(n) + 2 for n in names))
+    for label, s in rep["sets"].items():
+        print(f"\n{label} ({s['images']} images)")
+        print("score".ljust(width) + "".join(h.rjust(13) for h in ("AUROC", "AUPR", "rejected", "false rej.")))
+        for n, d in s["scores"].items():
+            mark = "*" if n == rep["score"] else " "
+            print(f"{n}{mark}".ljust(width) + f"{d['auroc']:13.4f}{d['aupr']:13.4f}{d['reject_rate']:13.1%}"
+                  f"{d['false_reject_rate']:13.1%}")

@@ -8,14 +8,17 @@ import typer
 
 from vae_cli.cli import output as show
 from vae_cli.cli.app import Device, Precision, app, guarded
+from vae_cli.cli.completion import complete_override, complete_recipe
 from vae_cli.core.errors import EXIT_NOT_PROMOTED, UsageError
 
 
 @app.command(context_settings={"allow_extra_args": False})
 @guarded
 def train(
-    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/digits.yaml."),
-    overrides: list[str] | None = typer.Argument(None, help="key=value overrides: model.latent_dim=32 epochs=5"),
+    recipe: str = typer.Argument(..., help="A YAML recipe file, or a shipped recipe's name (`vae info --recipes`): "
+                                 "digits, mnist-100-labels, cifar10-4000-labels, ...", autocompletion=complete_recipe),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides: model.latent_dim=32 epochs=5",
+                                                 autocompletion=complete_override),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds run folders."),
     name: str | None = typer.Option(None, "--name", help="Run folder name (default: the recipe's name)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Reuse runs/NAME instead of making NAME-2."),

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from vae_cli.core.errors import RecipeError
+from vae_cli.core.yamlsafe import safe_yaml
 
 
 def key(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -131,8 +132,14 @@ class TrainConfig:
     checkpoint_every: int = key(0, "also write the resumable state every N steps (0: only each epoch)", min=0)
     reject_rate: float = key(0.01, "`classify --reject`: share of held-out training images that may be "
                                    "rejected; sets the likelihood threshold", min=0.0, max=0.5, exclusive_min=True)
+    reject_score: str = key("combined", "`classify --reject` score (see `vae info --defaults`; docs in "
+                                        "vae_cli/evaluation/reject.py)", registry="vae_cli.evaluation.reject:SCORES")
     reject_samples: int = key(16, "importance samples per image in the `--reject` score (IWAE bound)", min=1,
                               max=1024)
+    loggers: tuple[str, ...] = key(("csv",), "where per-epoch numbers go besides metrics.csv (always written): a "
+                                   "list of csv, tensorboard (run folder's tensorboard/), mlflow (MLFLOW_TRACKING_URI "
+                                   "or ./mlruns); the last two need pip install 'vae-cli[tensorboard]' / "
+                                   "'vae-cli[mlflow]'", choices=("csv", "tensorboard", "mlflow"))
     skip_nonfinite: bool = key(False, "skip batches whose loss is NaN/inf instead of stopping the run")
 
 
@@ -145,7 +152,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self, dict_factory=lambda kv: {k: list(v) if isinstance(v, tuple) else v
+                                                                 for k, v in kv})
 
     def replace(self, **overrides: Any) -> Recipe:
         """A validated copy with dotted-key overrides (`recipe.replace(**{"train.epochs": 3})`)."""
@@ -198,6 +206,16 @@ def _check_value(dotted: str, value: Any, hint: Any, meta: dict) -> Any:
         if optional:
             return None
         raise RecipeError(f"recipe key '{dotted}' must be {_a(base.__name__)}, not null")
+    if typing.get_origin(base) is tuple:  # a list of names, each one of `choices` (train.loggers)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"recipe key '{dotted}' must be a list of names, e.g. [{', '.join(meta['choices'])}], "
+                              f"got {value!r}")
+        bad = [v for v in value if v not in meta["choices"]]
+        if bad:
+            close = difflib.get_close_matches(bad[0], meta["choices"], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"recipe key '{dotted}' takes {', '.join(meta['choices'])}, got '{bad[0]}'{hint}")
+        return tuple(dict.fromkeys(value))  # in order, once each
     ok = False
     if base is bool:
         ok = isinstance(value, bool)
@@ -273,6 +291,25 @@ def from_dict(raw: Any) -> Recipe:
     return recipe
 
 
+def _field_of(dotted: str) -> dataclasses.Field:
+    section, _, name = dotted.rpartition(".")
+    return _fields(SECTIONS[section] if section else Recipe)[name]
+
+
+def key_help(dotted: str) -> str:
+    return _field_of(dotted).metadata["help"]
+
+
+def key_values(dotted: str) -> list[str]:
+    """The values a key can take where they are a closed set (choices, registered names, booleans)."""
+    f = _field_of(dotted)
+    if f.metadata["registry"]:
+        return registry_of(f.metadata["registry"]).names()
+    if f.metadata["choices"]:
+        return [str(c) for c in f.metadata["choices"]]
+    return ["true", "false"] if isinstance(f.default, bool) else []
+
+
 def all_keys_of(section: str) -> list[str]:
     return [k for k in all_keys() if k.startswith(section + ".")]
 
@@ -324,37 +361,16 @@ def set_keys(raw: dict[str, Any], pairs: Any) -> dict[str, Any]:
     return out
 
 
-def safe_yaml(text: str):
-    """yaml.safe_load, stricter: anchors/aliases are refused (a recipe never needs them, and nested aliases
-    expand exponentially) and a key given twice is an error, not silently the last one. The checks read
-    the event stream and the node tree (no construction), then yaml.safe_load builds the values."""
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases (*name) are not allowed in a "
-                                                    "recipe; write the values out", event.start_mark)
-    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]  # no aliases: a tree, walked once
-    while stack:
-        node = stack.pop()
-        if isinstance(node, yaml.MappingNode):
-            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
-            for k_node, _ in node.value:
-                if isinstance(k_node, yaml.ScalarNode) and keys.count(k_node.value) > 1:
-                    raise yaml.constructor.ConstructorError(None, None, f"key '{k_node.value[:60]}' appears twice; "
-                                                            f"keep one", k_node.start_mark)
-            stack += [v for _, v in node.value]
-        elif isinstance(node, yaml.SequenceNode):
-            stack += node.value
-    return yaml.safe_load(text)
-
-
 def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe (or the defaults when `path` is None) and apply overrides."""
     raw: Any = {}
     if path is not None:
-        p = Path(path)
+        from vae_cli.core import builtin
+
+        p = builtin.resolve(path)
         if not p.is_file():
-            raise RecipeError(f"recipe file '{p}' not found (give the path to a .yaml recipe, "
-                              f"e.g. recipes/digits.yaml)")
+            raise RecipeError(f"recipe '{p}' not found: give a .yaml file or a shipped recipe's name "
+                              f"({', '.join(builtin.names())})")
         try:
             raw = safe_yaml(p.read_text(encoding="utf-8"))
         except RecursionError:
@@ -385,8 +401,10 @@ def defaults_yaml() -> str:
         for f in dataclasses.fields(cls):
             if f.name in SECTIONS and cls is Recipe:
                 continue
-            value = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip()
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             tname = str(hints[f.name]).replace("<class '", "").replace("'>", "").replace("NoneType", "None")
+            tname = "list of str" if tname == "tuple[str, ...]" else tname
             names = f" [{' | '.join(registry_of(f.metadata['registry']).names())}]" if f.metadata["registry"] else ""
             lines.append(f"{indent}{f.name}: {value}  # ({tname}) {f.metadata['help']}{names}")
 

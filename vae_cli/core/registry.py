@@ -47,11 +47,13 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise RecipeError(self.unknown(name)) from None
 
-    def unknown(self, name: object) -> str:
-        """The one-line message for a name that is not registered, with the closest one if any."""
+    def unknown(self, name: object, option: str | None = None) -> str:
+        """The one-line message for a name that is not registered, with the closest one if any; `option`
+        names a command-line option to blame instead of the recipe key."""
         close = difflib.get_close_matches(str(name), self.names(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown {self.kind} '{self.key}={name}': must be one of {', '.join(self.names())}{hint}"
+        where = f"{option} {name}" if option else f"{self.key}={name}"
+        return f"unknown {self.kind} '{where}': must be one of {', '.join(self.names())}{hint}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)

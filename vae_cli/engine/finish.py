@@ -20,13 +20,11 @@ from vae_cli.data import Dataset
 from vae_cli.data.streaming import is_lazy
 from vae_cli.engine import distributed
 from vae_cli.engine.distributed import Dist
-from vae_cli.evaluation.evaluate import evaluate, log_likelihood
-from vae_cli.evaluation.metrics import rejection_threshold
+from vae_cli.evaluation import reject
+from vae_cli.evaluation.evaluate import evaluate
 
 # A streamed dataset's classifier stage decodes at most this many labelled images into memory.
 STREAMED_FIT_IMAGES = 50_000
-# Test images scored to report the false-reject rate that the held-out threshold gives on new data.
-REJECT_CHECK_IMAGES = 2000
 
 
 def preprocess_of(data: Dataset) -> dict:
@@ -37,20 +35,10 @@ def preprocess_of(data: Dataset) -> dict:
 
 
 def calibrate_rejection(model, data: Dataset, recipe: Recipe, rt: Runtime) -> dict | None:
-    """The `classify --reject` threshold: the `train.reject_rate` quantile of the IWAE score log p(x) on
-    the held-out training images (continuous density: user images need not sit on the data's grid).
-    The sorted held-out scores travel too, so `classify --reject-rate` can pick another rate."""
-    if data.holdout_x is None or len(data.holdout_x) == 0:
-        return None
+    """The `classify --reject` calibration on the held-out training images (see evaluation/reject.py)."""
     tc = recipe.train
-    scores = log_likelihood(model, data.holdout_x, tc.reject_samples, None, rt, seed=recipe.seed + 2)
-    threshold = rejection_threshold(scores, tc.reject_rate)
-    test = log_likelihood(model, data.test_x[:REJECT_CHECK_IMAGES], tc.reject_samples, None, rt,
-                          seed=recipe.seed + 3)
-    return {"score": "iwae_log_likelihood", "samples": tc.reject_samples, "rate": tc.reject_rate,
-            "threshold": threshold, "holdout_images": len(scores),
-            "test_reject_rate": float((test < threshold).float().mean().item()) if len(test) else None,
-            "holdout_scores": [round(v, 3) for v in scores.sort().values.tolist()]}
+    return reject.calibrate(model, data.holdout_x, data.test_x, rt, rate=tc.reject_rate, samples=tc.reject_samples,
+                            seed=recipe.seed + 2, default=tc.reject_score)
 
 
 @dataclass
@@ -112,17 +100,17 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
                          round(seconds, 2), metrics, cpu=cpu_budget().as_dict())
     if not d.is_main:
         return result
-    reject = calibrate_rejection(model, data, recipe, rt)
-    if reject is not None:
-        result.reject = {k: v for k, v in reject.items() if k != "holdout_scores"}
+    rejection = calibrate_rejection(model, data, recipe, rt)
+    if rejection is not None:
+        result.reject = {k: v for k, v in rejection.items() if k not in ("holdout_scores", "components")}
     checkpoint.save(run.weights, model, classes=data.classes, preprocess=preprocess_of(data),
                     metrics=summary, recipe=recipe.to_dict(),
                     extra={"labelled_indices": data.labelled.tolist(), "runtime": {
                         "device": rt.device.type, "precision": rt.precision, "processes": d.world}, "head": head,
-                        "reject": reject})
+                        "reject": rejection})
     from vae_cli.artifacts import report
 
-    facts = report.run_facts({"path": str(run.weights), "metrics": summary, "reject": reject,
+    facts = report.run_facts({"path": str(run.weights), "metrics": summary, "reject": rejection,
                               "runtime": {"device": rt.device.type, "precision": rt.precision, "processes": d.world}})
     result.pictures = report.write_run_pictures(model, data, recipe, rt, run.root, metrics, run.metrics, run=facts)
     reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class Loop:
                  d: Dist | None = None):
         self.model, self.data, self.recipe, self.rt = model, data, recipe, rt
         self.run_dir, self.reporter, self.d = run, reporter, d or Dist()
+        self.on_epoch: Callable[[dict], None] | None = None  # rank 0: each epoch's row (the trackers)
         tc = recipe.train
         if tc.batch_size < self.d.world:
             raise UsageError(f"train.batch_size={tc.batch_size} is the global batch and must be at least the "
@@ -314,6 +316,8 @@ class Loop:
         p.epoch, p.step_in_epoch, p.order_drawn = p.epoch + 1, 0, False
         if self.d.is_main:
             fsutil.write_text(self.run_dir.metrics, _csv_text(p.rows))
+            if self.on_epoch is not None:
+                self.on_epoch(row)
         self.save_state()
 
 

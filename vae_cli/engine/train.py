@@ -23,6 +23,8 @@ from vae_cli.engine.distributed import Dist
 from vae_cli.engine.finish import TrainResult, finish
 from vae_cli.engine.loop import Loop
 from vae_cli.engine.runlock import RunLock
+from vae_cli.engine.trackers import Trackers
+from vae_cli.engine.trackers import require as trackers_require
 from vae_cli.models import build_model
 
 
@@ -30,6 +32,7 @@ def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, 
           resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
     """Train per the recipe; writes the run directory and returns the results and paths. Under torchrun
     every rank runs this; rank 0 alone chooses the run folder, holds its lock and writes files."""
+    trackers_require(recipe.train.loggers)
     d = distributed.setup(recipe.train.device)
     try:
         reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
@@ -66,9 +69,19 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
             reporter.log(f"nothing to resume in {run.root}: starting it from the beginning")
         if d.is_main:
             fsutil.write_text(run.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    trackers = Trackers(recipe, run, resume and loop.progress.epoch > 1, reporter) if d.is_main else None
+    loop.on_epoch = trackers.epoch if trackers else None
     procs = f", {d.world} processes" if d.enabled else ""
     reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
                  f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
                  f"{rt.device.type}/{rt.precision}{procs}, {cpu_budget().describe()} -> {run.root}")
-    rows = loop.run()
-    return finish(model, data, recipe, rt, run, rows, reporter, time.perf_counter() - t_start, d)
+    try:
+        rows = loop.run()
+        result = finish(model, data, recipe, rt, run, rows, reporter, time.perf_counter() - t_start, d)
+    except BaseException:
+        if trackers:
+            trackers.close()
+        raise
+    if trackers:
+        trackers.finish(run, result.pictures, result.test)
+    return result

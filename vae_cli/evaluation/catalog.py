@@ -52,6 +52,8 @@ METRICS: list[Metric] = [
            _num("linear_accuracy", ".4f")),
     Metric("knn_accuracy", "probe", "{knn_k}-NN ({labels_per_class} labels/class)", _num("knn_accuracy", ".4f")),
     Metric("knn_k", "probe"),
+    Metric("ood"),
+    *(Metric(k, "ood") for k in ("score", "rate", "samples", "in_images", "false_reject_rate", "sets")),
 ]
 
 
@@ -73,5 +75,6 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
 def describe_reject(rej: dict) -> str:
     """The --reject calibration stored in a weights file, in one line (for `vae info` and report.html)."""
     test = "" if rej.get("test_reject_rate") is None else f"; {rej['test_reject_rate']:.1%} of test images"
-    return (f"log p(x) < {rej['threshold']:.3f} nats ({rej['rate']:.1%} of {rej['holdout_images']} held-out "
+    name = {"iwae_log_likelihood": "likelihood"}.get(rej.get("score"), rej.get("score", "likelihood"))
+    return (f"{name} score < {rej['threshold']:.6g} ({rej['rate']:.1%} of {rej['holdout_images']} held-out "
             f"images{test})")

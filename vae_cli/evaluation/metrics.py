@@ -101,3 +101,21 @@ def latent_probe(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, t
 def rejection_threshold(scores: Tensor, rate: float) -> float:
     """The log-likelihood score below which `rate` of the given (held-out, in-distribution) images fall."""
     return float(torch.quantile(scores.float(), rate).item())
+
+
+def detection(in_scores: Tensor, out_scores: Tensor, threshold: float) -> dict:
+    """How well a score (higher: more typical) tells outliers from in-distribution images, outliers being
+    the positive class: AUROC (probability that a random outlier scores below a random in-distribution
+    image, ties counting half), AUPR (average precision, sklearn's step-wise definition; its chance level
+    is the outliers' share), and the share of each side below `threshold` (false and true rejects)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    a, b = in_scores.double().numpy(), out_scores.double().numpy()
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    s = -np.r_[a, b]
+    both = len(a) > 0 and len(b) > 0
+    return {"auroc": float(roc_auc_score(y, s)) if both else None,
+            "aupr": float(average_precision_score(y, s)) if both else None,
+            "false_reject_rate": float((a < threshold).mean()) if len(a) else None,
+            "reject_rate": float((b < threshold).mean()) if len(b) else None,
+            "in_images": len(a), "out_images": len(b)}

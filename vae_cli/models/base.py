@@ -65,6 +65,11 @@ class Model(nn.Module):
         """(B, latent_dim) posterior means E[z | x]: the codes for probes, maps and interpolation."""
         raise NotImplementedError
 
+    def latent_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of q(z | x), each (B, latent_dim): what `vae embed` and the exported encoder
+        give; their mean is `latent_means`."""
+        raise NotImplementedError
+
     def decode_latents(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         """Images in [0, 1] from latent codes as `latent_means` gives them (class y where it matters)."""
         raise NotImplementedError

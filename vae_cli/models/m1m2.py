@@ -50,6 +50,9 @@ class M1M2(Model):
     def latent_means(self, x: Tensor) -> Tensor:
         return self.m1.latent_means(x)
 
+    def latent_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.m1.encode(x)
+
     def decode_latents(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         return self.m1.decode_latents(z)
 

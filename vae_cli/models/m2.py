@@ -162,8 +162,11 @@ class M2(Model):
 
     def latent_means(self, x: Tensor) -> Tensor:
         """The style code's mean under the predicted class (M2's z is meant to carry what y does not)."""
+        return self.latent_posterior(x)[0]
+
+    def latent_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.trunk(x)
-        return self.posterior(h, self.class_logits(h).argmax(1))[0]
+        return self.posterior(h, self.class_logits(h).argmax(1))
 
     def decode_latents(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         """y: class indices (B,) or class weights (B, K), e.g. a mix of two classes."""

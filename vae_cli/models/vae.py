@@ -75,6 +75,9 @@ class VAE(Model):
     def latent_means(self, x):
         return self.encode(x)[0]
 
+    def latent_posterior(self, x):
+        return self.encode(x)
+
     def decode_latents(self, z, y=None):
         return self.likelihood.mean(self.decoder(z))
 
