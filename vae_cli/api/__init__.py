@@ -83,9 +83,14 @@ class Model:
 
     def classify(self, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = 256, reject: bool = False,
                  reject_rate: float | None = None, reject_score: str | None = None) -> tuple[list[dict], list[str]]:
-        """(rows, failures) for image files: each row {path, top: [{class, prob}], and with reject: score,
-        rejected}; unreadable files are listed in failures, not raised."""
-        files = expand_paths([str(p) for p in paths])
+        """(rows, failures) for image files, folders and globs: each row {path, top: [{class, prob}], and
+        with reject: score, rejected}; unreadable files are listed in failures, not raised."""
+        return self.classify_files(expand_paths([str(p) for p in paths]), top_k, batch_size, reject, reject_rate,
+                                   reject_score)
+
+    def classify_files(self, files: list[Path], top_k: int = 1, batch_size: int = 256, reject: bool = False,
+                       reject_rate: float | None = None, reject_score: str | None = None):
+        """`classify` for a list of image files already expanded."""
         asked = reject or reject_rate is not None or reject_score is not None
         g = self.last_gate = gate(self.meta, reject_rate, reject_score) if asked else None
         return classify_paths(self.net, self.meta, files, self.runtime, top_k=min(top_k, len(self.classes)),

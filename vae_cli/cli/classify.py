@@ -33,11 +33,13 @@ def classify(
     """Predict the class of each image; --reject also flags images the model finds unlikely (bad images:
     reported, skipped, then exit 2)."""
     from vae_cli.api import load
+    from vae_cli.data.images import expand_paths
 
+    files = expand_paths(path_args(paths))  # bad paths are reported before the model is loaded
     model = load(weights, runtime_name(device))
     top_k = min(top_k, len(model.classes))  # a model with K classes has K to show, whatever was asked
-    rows, failures = model.classify(path_args(paths), top_k=top_k, batch_size=batch_size, reject=reject,
-                                    reject_rate=reject_rate, reject_score=reject_score)
+    rows, failures = model.classify_files(files, top_k=top_k, batch_size=batch_size, reject=reject,
+                                          reject_rate=reject_rate, reject_score=reject_score)
     for f in failures:
         err(f"error: {f}")
     show.print_rows(rows, fmt.value, top_k)
@@ -47,5 +49,5 @@ def classify(
         err(f"rejected {rejected} of {len(rows)} images as unlike the training data ({g.name} score < "
             f"{g.threshold:.4g}; {g.rate:.1%} of held-out training images fall below it)")
     if failures:
-        err(f"{len(failures)} of {len(rows) + len(failures)} images could not be classified")
+        err(f"{len(failures)} of {len(files)} images could not be classified")
         raise typer.Exit(UsageError.exit_code)

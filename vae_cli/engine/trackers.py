@@ -6,11 +6,11 @@ TensorBoard (run/tensorboard/): every numeric column of metrics.csv as a scalar 
 recipe as text, and at the end the run's pictures (samples, reconstructions, ...) as images and the
 final test numbers as `final/...` scalars.
 
-MLflow (MLFLOW_TRACKING_URI, else ./mlruns as a local file store; MLflow 3 keeps that store only
-behind MLFLOW_ALLOW_FILE_STORE=true, which is set for a file: URI unless the user set it): experiment =
-the recipe's name, run = the run folder's name; params = the flattened recipe (`model.latent_dim`), metrics per epoch, and at the
-end the weights file, report.html, metrics.csv and the pictures as artifacts. A resumed run continues the
-same MLflow run (its id is kept in the run folder).
+MLflow (MLFLOW_TRACKING_URI, else ./mlruns as a local file store; MLflow 3 keeps that store only behind
+MLFLOW_ALLOW_FILE_STORE=true, which is set for a file: URI unless the user set it): experiment = the recipe's
+name, run = the run folder's name; params = the flattened recipe (`model.latent_dim`), metrics per epoch, and
+at the end the weights file, report.html, metrics.csv and the pictures as artifacts. A resumed run continues
+the same MLflow run (its id is kept in the run folder).
 
 A tracker that fails mid-run (a tracking server gone away) is reported once on stderr and switched
 off: the training and its files matter more than the dashboard.

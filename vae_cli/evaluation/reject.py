@@ -64,6 +64,13 @@ def png_bits(x: Tensor) -> Tensor:
     for a given image."""
     from PIL import Image
 
+    out = []
+    for xb in x.split(512):  # batch by batch: x may be images streamed from disk
+        out += _png_bits(Image, xb)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _png_bits(Image, x: Tensor) -> list[int]:
     arr = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []
     for a in arr:
@@ -71,7 +78,7 @@ def png_bits(x: Tensor) -> Tensor:
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG", compress_level=9)
         out.append(len(buf.getvalue()) * 8)
-    return torch.tensor(out, dtype=torch.float64)
+    return out
 
 
 def confidence_logit(probs: Tensor) -> Tensor:
