@@ -27,9 +27,17 @@ def complete_override(incomplete: str) -> list[tuple[str, str]]:
             dotted = recipe.resolve_key(key)
         except Exception:  # noqa: BLE001  (an unknown key: nothing to offer)
             return []
-        return [(f"{key}={v}", "") for v in recipe.key_values(dotted) if v.startswith(value)]
-    out = []
-    for dotted in recipe.all_keys():
-        if dotted.startswith(incomplete):
-            out.append((f"{dotted}=", recipe.key_help(dotted)[:70]))
-    return out
+        return [(f"{key}={v}", "") for v in key_values(dotted) if v.startswith(value)]
+    return [(f"{d}=", recipe.field_of(d).metadata["help"][:70]) for d in recipe.all_keys() if d.startswith(incomplete)]
+
+
+def key_values(dotted: str) -> list[str]:
+    """The values a key can take where they are a closed set (registered names, choices, booleans)."""
+    from vae_cli.core import recipe
+
+    f = recipe.field_of(dotted)
+    if f.metadata["registry"]:
+        return recipe.registry_of(f.metadata["registry"]).names()
+    if f.metadata["choices"]:
+        return [str(c) for c in f.metadata["choices"]]
+    return ["true", "false"] if isinstance(f.default, bool) else []

@@ -170,6 +170,12 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def field_of(dotted: str) -> dataclasses.Field:
+    """The schema field of a dotted key (`model.latent_dim`), with its default and metadata."""
+    section, _, name = dotted.rpartition(".")
+    return _fields(SECTIONS[section] if section else Recipe)[name]
+
+
 def all_keys() -> list[str]:
     """Every dotted key a recipe accepts, in schema order."""
     keys = [n for n in _fields(Recipe) if n not in SECTIONS]
@@ -289,25 +295,6 @@ def from_dict(raw: Any) -> Recipe:
         raise RecipeError(f"model.width={m.width} does not apply to the {m.backbone} backbone (it has no channels); "
                           f"size it with model.hidden, or remove model.width")
     return recipe
-
-
-def _field_of(dotted: str) -> dataclasses.Field:
-    section, _, name = dotted.rpartition(".")
-    return _fields(SECTIONS[section] if section else Recipe)[name]
-
-
-def key_help(dotted: str) -> str:
-    return _field_of(dotted).metadata["help"]
-
-
-def key_values(dotted: str) -> list[str]:
-    """The values a key can take where they are a closed set (choices, registered names, booleans)."""
-    f = _field_of(dotted)
-    if f.metadata["registry"]:
-        return registry_of(f.metadata["registry"]).names()
-    if f.metadata["choices"]:
-        return [str(c) for c in f.metadata["choices"]]
-    return ["true", "false"] if isinstance(f.default, bool) else []
 
 
 def all_keys_of(section: str) -> list[str]:
