@@ -72,9 +72,13 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+# Weights files written before the --reject scores were named stored the likelihood under this name.
+LEGACY_NAMES = {"iwae_log_likelihood": "likelihood"}
+
+
 def describe_reject(rej: dict) -> str:
     """The --reject calibration stored in a weights file, in one line (for `vae info` and report.html)."""
     test = "" if rej.get("test_reject_rate") is None else f"; {rej['test_reject_rate']:.1%} of test images"
-    name = {"iwae_log_likelihood": "likelihood"}.get(rej.get("score"), rej.get("score", "likelihood"))
+    name = LEGACY_NAMES.get(rej.get("score"), rej.get("score", "likelihood"))
     return (f"{name} score < {rej['threshold']:.6g} ({rej['rate']:.1%} of {rej['holdout_images']} held-out "
             f"images{test})")

@@ -37,12 +37,11 @@ from torch import Tensor
 from vae_cli.core.errors import CheckpointError, UsageError
 from vae_cli.core.registry import Registry
 from vae_cli.evaluation import metrics
+from vae_cli.evaluation.catalog import LEGACY_NAMES
 from vae_cli.evaluation.evaluate import log_likelihood, predict
 
 # Test images scored at the end of training to report the false-reject rate on new data.
 TEST_CHECK_IMAGES = 2000
-# Weights files written before the scores were named stored the likelihood under this name.
-LEGACY_NAMES = {"iwae_log_likelihood": "likelihood"}
 
 
 @dataclass(frozen=True)
@@ -229,12 +228,8 @@ class Gate:
     held: dict[str, list[float]]
 
     def scores(self, model, x: Tensor, rt, seed: int) -> Tensor:
-        parts = measure(model, x, rt, self.samples, seed, needs(self.name) | _base_needs(self.name))
+        parts = measure(model, x, rt, self.samples, seed, needs(self.name))  # a derived score lists its bases' parts
         return values(self.name, base_values(parts), self.held)
-
-
-def _base_needs(name: str) -> set[str]:
-    return {p for n in BASE for p in SCORES.get(n).parts} if SCORES.get(name).combine else set()
 
 
 def gate(meta: dict, rate: float | None = None, score: str | None = None) -> Gate:
