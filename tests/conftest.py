@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the suite's vae processes share cores among themselves only, not with a training running beside the suite
+# (which would change their thread counts mid-test)
+os.environ["VAE_CPU_SHARE"] = tempfile.mkdtemp(prefix="vae-cpu-test-")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"

@@ -93,12 +93,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# the commands that compute: they announce themselves to other vae jobs before importing torch (whose import
+# is seconds of CPU), so a training beside them shares its cores from their first moment (core/peers.py)
+COMPUTING = {"train", "eval", "classify", "sample", "embed", "export"}
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (or set VAE_DEBUG=1)."),
     threads: str | None = typer.Option(None, "--threads", help="CPU threads for every part of the command "
-                                       "(default: the cores this process may use: affinity and cgroup quota; "
-                                       "or set VAE_THREADS)."),
+                                       "(default: the cores this process may use: affinity and cgroup quota, "
+                                       "shared with the other vae jobs running; or set VAE_THREADS)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print version."),
 ) -> None:
     if debug:
@@ -111,6 +117,10 @@ def _main(
         except VaeError as e:
             err(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
+    if ctx.invoked_subcommand in COMPUTING:
+        from vae_cli.core.peers import SHARING
+
+        SHARING.register()
 
 
 def runtime_name(device: Device) -> str:

@@ -5,7 +5,9 @@ The cores come from, in order: `--threads N` / `VAE_THREADS=N` (the user knows b
 affinity mask (`os.sched_getaffinity`: `taskset`, cpusets) capped by the cgroup CPU quota (v2 `cpu.max`,
 v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`, the smallest along the cgroup's path), which is what a container
 limited with `--cpus` sees; `os.cpu_count()` alone reports the host's cores there and makes torch start one
-thread per host core. Under torchrun the cores are split between the ranks of a machine
+thread per host core. The cores are shared with the other `vae` jobs running on them (`core.peers`:
+each job announces itself; two trainings that each took both cores of a 2-core box ran at 17% of their
+alone speed, with one thread each at 70%). Under torchrun the cores are split between the ranks of a machine
 (`LOCAL_WORLD_SIZE`). The cgroup files are parsed here (a few lines; no maintained library reads the
 quota: psutil reports affinity only). Applying the budget to torch and to BLAS (threadpoolctl, which
 scikit-learn already depends on) happens in `core.runtime.apply_cpu_budget`. No torch here.
@@ -134,9 +136,11 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("
 
 
 def detect(threads: int | None = None, env: Mapping[str, str] | None = None, *, affinity: int | None = None,
-           quota: float | None | str = "read") -> CpuBudget:
-    """The budget: `threads` (--threads), else $VAE_THREADS, else affinity capped by the cgroup quota; split
-    between the ranks torchrun starts on this machine. `affinity`/`quota` stand in for the system (tests)."""
+           quota: float | None | str = "read", place: tuple[int, int] = (0, 1)) -> CpuBudget:
+    """The budget: `threads` (--threads), else $VAE_THREADS, else affinity capped by the cgroup quota, shared
+    with the other `vae` jobs running on those cores (`place` = this job's place among the jobs, their
+    number: `core.peers`), then split between the ranks torchrun starts on this machine.
+    `affinity`/`quota` stand in for the system (tests)."""
     env = os.environ if env is None else env
     local_world = 1
     with_ranks = ""
@@ -152,7 +156,21 @@ def detect(threads: int | None = None, env: Mapping[str, str] | None = None, *, 
     if limit is not None and math.ceil(limit) < cores:
         cores = max(1, math.ceil(limit))
         source = f"cgroup CPU quota {limit:g} of {source.split()[0]} cores"
+    index, jobs = place
+    if jobs > 1:
+        base, extra = divmod(cores, jobs)  # the remainder to the earliest-started jobs
+        cores = max(1, base + (1 if index < extra else 0))
+        source += f", shared with {jobs - 1} other vae job{'s' if jobs > 2 else ''}"
     if local_world > 1:
         cores = max(1, cores // local_world)
         with_ranks = f", split between {local_world} ranks"
     return CpuBudget(cores, source + with_ranks)
+
+
+def current() -> CpuBudget:
+    """The budget now, with this process announced to its peers (first call) and their number counted."""
+    from vae_cli.core.peers import SHARING
+
+    place = SHARING.place()
+    budget = detect(place=place)
+    return CpuBudget(budget.cores, f"{budget.source}; {SHARING.problem}") if SHARING.problem else budget

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ def cpu_has_bf16() -> bool:
 def apply_cpu_budget(budget: CpuBudget | None = None) -> CpuBudget:
     """Set torch's intra-op and inter-op threads and the BLAS/OpenMP pools (threadpoolctl) to the budget.
     Called by every command that computes (through `resolve`), once per process."""
-    budget = budget or cpu.detect()
+    budget = budget or cpu.current()
     torch.set_num_threads(budget.intra_op)
     with contextlib.suppress(RuntimeError):  # inter-op threads can be set only before they first run
         torch.set_num_interop_threads(budget.inter_op)
@@ -61,10 +62,21 @@ _applied: dict = {}
 
 
 def cpu_budget() -> CpuBudget:
-    """The budget in force: decided again on each call (--threads, $VAE_THREADS, affinity and quota are
-    cheap to read) and applied when it changed."""
-    budget = cpu.detect()
+    """The budget in force: decided again on each call (--threads, $VAE_THREADS, affinity, quota and the
+    peers' lock files are cheap to read) and applied when it changed."""
+    budget = cpu.current()
+    _applied["checked"] = time.monotonic()
     return _applied["budget"] if _applied.get("budget") == budget else apply_cpu_budget(budget)
+
+
+def recheck_cpu_budget(every: float = 2.0) -> CpuBudget | None:
+    """Called between steps of long loops (training, classifying): at most every `every` seconds, the
+    budget decided again (a peer started or ended); returns the new budget when it changed, else None."""
+    if "budget" not in _applied or time.monotonic() - _applied.get("checked", 0.0) < every:
+        return None
+    before = _applied["budget"]
+    after = cpu_budget()
+    return after if after.cores != before.cores else None
 
 
 def resolve(device: str = "auto", precision: str = "auto", local_rank: int = 0) -> Runtime:

@@ -59,7 +59,7 @@ def _decode(samples: list[tuple[str, int]], channels: int, size: tuple[int, int]
         except ImageError as e:
             raise DataError(f"{e} (found while loading the folder dataset; remove or replace the file)") from None
 
-    with ThreadPoolExecutor(cpu.detect().decode_threads) as pool:
+    with ThreadPoolExecutor(cpu.current().decode_threads) as pool:
         x = list(pool.map(one, [p for p, _ in samples]))
     return np.stack(x).astype(np.float32), np.array([c for _, c in samples], dtype=np.int64)
 
@@ -94,7 +94,7 @@ def build_folder(cfg):
     load = _decode
     if decoded_gb > cfg.memory_limit_gb:
         # on 2 cores, 1 worker measured 1,414 images/s and 2 workers 1,371: the workers take training's cores
-        workers = cfg.workers if cfg.workers is not None else cpu.detect().loader_workers
+        workers = cfg.workers if cfg.workers is not None else cpu.current().loader_workers
         load = functools.partial(_files, workers=workers)
     x, y = load(train_samples, channels, size)
     if test_dir is None:

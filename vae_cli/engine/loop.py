@@ -26,7 +26,7 @@ from vae_cli.core import fsutil
 from vae_cli.core.console import Reporter
 from vae_cli.core.errors import CheckpointError, Interrupted, UsageError, VaeError
 from vae_cli.core.recipe import Recipe
-from vae_cli.core.runtime import Runtime
+from vae_cli.core.runtime import Runtime, recheck_cpu_budget
 from vae_cli.data import SPLIT_SEED, Dataset
 from vae_cli.data.augment import augment, strong
 from vae_cli.data.streaming import is_lazy
@@ -284,6 +284,8 @@ class Loop:
             idx = self.perm[i * self.bs:(i + 1) * self.bs]
             terms = self._step(mine, next(ahead) if ahead is not None else None)
             self.sched.step()
+            if (budget := recheck_cpu_budget()) is not None:  # another vae job started or ended
+                self.reporter.log(f"cpu: now {budget.describe()}")
             p.step += 1
             p.step_in_epoch = i + 1
             if terms is not None:

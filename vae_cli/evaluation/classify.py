@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vae_cli.core.errors import ImageError
+from vae_cli.core.runtime import recheck_cpu_budget
 from vae_cli.data.images import as_trained, load_image
 from vae_cli.evaluation.evaluate import predict
 from vae_cli.evaluation.reject import Gate
@@ -65,6 +66,7 @@ def classify_paths(model, meta: dict, files: list[Path], rt, *, top_k: int = 1, 
     rows, failures = [], []
     for i, (good, x, bad) in enumerate(decode_batches(files, meta, batch_size)):
         failures += bad
+        recheck_cpu_budget()  # share the cores with a training that started or ended meanwhile
         if x is None:
             continue
         probs = predict(model, x, rt, batch_size)
