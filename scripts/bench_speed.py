@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--pythae-python", type=Path, default=ROOT / "bench-venv" / "bin" / "python")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--only-folder", action="store_true", help="only section 5 (folder: memory vs streamed)")
+    ap.add_argument("--only-same-network", action="store_true", help="only section 2 (vae against pythae)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                    help="precisions to time (bf16 is slow on CPUs without native bf16: leave it out there)")
     args = ap.parse_args()
     data_root = mnist_root(args.mnist, args.out)
     report: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -101,7 +104,7 @@ def main() -> None:
         return
     # 1. the default MNIST recipe, per precision, with and without compile
     runs = []
-    for precision in ("fp32", "bf16"):
+    for precision in ([] if args.only_same_network else args.precisions):
         for compiled in ((False,) if args.skip_compile else (False, True)):
             tag = f"mnist-{precision}{'-compile' if compiled else ''}"
             runs.append(train_speed("recipes/mnist.yaml", args.out, data_root, args.images, tag,
@@ -113,7 +116,7 @@ def main() -> None:
             "model.width=32", "model.hidden=256", "model.likelihood=bernoulli", "train.batch_size=64",
             "train.lr=0.001", "train.head_steps=0", "train.augment_shift=0", "train.kl_warmup_epochs=0"]
     ours = [train_speed("recipes/mnist.yaml", args.out, data_root, args.images, f"vae-{p}", ["--precision", p, *same])
-            for p in ("fp32", "bf16")]
+            for p in args.precisions]
     report["same_network_vae"] = ours
     if args.pythae_python.is_file():
         from vae_cli.core.recipe import DataConfig
@@ -130,10 +133,13 @@ def main() -> None:
         report["ratio_vs_pythae"] = {r["tag"]: round(r["images_per_s"] / pythae["images_per_s"], 2) for r in ours}
     else:
         print(f"pythae venv not found at {args.pythae_python}: skipped (make bench-speed creates it)", file=sys.stderr)
+    if args.only_same_network:
+        print(json.dumps(report, indent=2))
+        return
 
     # 3. classify throughput on 10,000 PNG files
     folder = export_pngs(data_root, args.out / "pngs", 10000)
-    weights = args.out / "runs" / "speed-mnist-bf16" / "model.safetensors"
+    weights = args.out / "runs" / f"speed-mnist-{args.precisions[-1]}" / "model.safetensors"
     t0 = time.perf_counter()
     proc = subprocess.run([*VAE, "classify", str(weights), str(folder), "--format", "csv"], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

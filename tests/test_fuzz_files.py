@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -43,6 +43,7 @@ def tiny_parts(tiny_run):
                                                                  HealthCheck.too_slow])
 @given(key=st.sampled_from(KEYS), value=st.one_of(json_values, st.just("__drop__")),
        command=st.sampled_from(["info", "classify", "sample"]))
+@example(key="preprocess", value={}, command="classify")  # found by the fuzzer: a KeyError, exit 1
 def test_tampered_metadata_is_one_line(tmp_path_factory, tiny_parts, runner, key, value, command):
     tensors, meta = tiny_parts
     meta = dict(meta)

@@ -21,8 +21,11 @@ def _batched(fn, x: Tensor, runtime: Runtime, batch_size: int) -> list[Tensor]:
     """fn over x batch by batch on the model's device, results back on the CPU as float32."""
     out = []
     for xb in x.split(batch_size):
+        xb = xb.to(runtime.device, non_blocking=True)
+        if xb.ndim == 4:  # the layout of the loaded conv weights (artifacts/checkpoint.load)
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
-            out.append(fn(xb.to(runtime.device, non_blocking=True)).float().cpu())
+            out.append(fn(xb).float().cpu())
     return out
 
 
