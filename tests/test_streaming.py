@@ -97,3 +97,11 @@ def test_a_bad_file_found_while_streaming_is_one_line(tmp_path, runner, folder):
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1, res.stderr
     assert "007.png' is not an image" in lines[0] and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("threads, workers", [("1", 1), ("3", 2), ("9", 4)])
+def test_the_cpu_budget_sets_the_streaming_workers(folder, monkeypatch, threads, workers):
+    """data.workers unset: the DataLoader processes follow --threads / VAE_THREADS (cores - 1, 1 to 4)."""
+    monkeypatch.setenv("VAE_THREADS", threads)
+    cfg = DataConfig(name="folder", root=str(folder), image_size=12, channels=1, memory_limit_gb=0.0)
+    assert build_dataset(cfg, 0).train_x.workers == workers
