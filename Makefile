@@ -70,6 +70,9 @@ bench-reject: $(STAMP)
 bench-export: $(STAMP)
 	$(PY) scripts/bench_export.py
 
-# Trainings side by side: one alone, then 2 and 3 at once; images/s each and in total.
+# Trainings side by side: one alone, then 2 and 3 at once; images/s each and in total; then classify
+# back to back beside one training; then the same pinned to one core (taskset). Other recipes: see
+# BENCHMARKS.md (e.g. --recipe recipes/mnist-100-labels.yaml data.root=... train.epochs=3).
 bench-concurrency: $(STAMP)
-	$(PY) scripts/bench_concurrency.py
+	$(PY) scripts/bench_concurrency.py --out bench-out/concurrency --classify
+	$(PY) scripts/bench_concurrency.py --out bench-out/concurrency-1core --taskset 0
