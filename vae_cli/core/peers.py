@@ -126,8 +126,7 @@ def live_peers(folder: Path, me: Peer) -> list[Peer]:
         paths = [p for p in folder.glob("*.lock") if p.name != f"{me.pid}.lock"]
     except OSError:
         return []
-    peers = [p for p in map(_read_live, paths) if p is not None and p.pid != me.pid]
-    return [p for p in peers if p.cpus & me.cpus]
+    return [p for p in map(_read_live, paths) if p is not None and p.cpus & me.cpus]
 
 
 def place(me: Peer, peers: list[Peer]) -> tuple[int, int]:

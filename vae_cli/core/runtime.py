@@ -43,7 +43,8 @@ def cpu_has_bf16() -> bool:
 
 def apply_cpu_budget(budget: CpuBudget | None = None) -> CpuBudget:
     """Set torch's intra-op and inter-op threads and the BLAS/OpenMP pools (threadpoolctl) to the budget.
-    Called by every command that computes (through `resolve`), once per process."""
+    Called by every command that computes (through `resolve`), and again when the budget changes
+    (`recheck_cpu_budget`: another vae job started or ended)."""
     budget = budget or cpu.current()
     torch.set_num_threads(budget.intra_op)
     with contextlib.suppress(RuntimeError):  # inter-op threads can be set only before they first run
