@@ -25,7 +25,7 @@ def _model(name, shape, k=10, **cfg):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
 def test_shapes_loss_backward(name, shape, likelihood):
-    model = _model(name, shape, likelihood=likelihood)
+    model = _model(name, shape, likelihood=likelihood, rotation=1.0)
     x = torch.rand(5, *shape)
     y = torch.randint(0, 10, (5,))
     terms = model.loss(Batch(x, y, torch.ones(5, dtype=torch.bool), x[:2], y[:2]), kl_weight=1.0)
@@ -42,6 +42,22 @@ def test_shapes_loss_backward(name, shape, likelihood):
             assert out.shape[1:] == shape and out.min() >= 0 and out.max() <= 1
         parts = model.elbo_parts(x)
         assert parts["recon"].shape == (5,) and parts["kl"].shape == (5,)
+        up = model.upright_logp(x)  # M2 on images has a rotation head; the others say they have none
+        assert up is None or (up.shape == (5,) and (up <= 0).all())
+    if hasattr(model, "rotation_head"):
+        assert torch.isfinite(terms["rotation"])
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_test_flip_averages_the_mirror_image(name):
+    x = torch.rand(6, 3, 16, 16)
+    plain, flip = _model(name, (3, 16, 16)).eval(), _model(name, (3, 16, 16), test_flip=True).eval()
+    with torch.no_grad():
+        assert torch.equal(plain.class_probs(x), plain.predict_proba(x))
+        want = (flip.predict_proba(x) + flip.predict_proba(x.flip(3))) / 2
+        assert torch.allclose(flip.class_probs(x), want, atol=1e-6)
+        assert torch.allclose(flip.class_probs(x).sum(1), torch.ones(6), atol=1e-5)
+        assert not torch.allclose(flip.class_probs(x), flip.predict_proba(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -76,7 +92,8 @@ def test_likelihoods_match_torch_distributions():
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
     from vae_cli.core.recipe import Recipe
 
-    recipe = Recipe().replace(**{"model.name": name, "model.latent_dim": 4, "model.width": 8, "model.hidden": 32})
+    recipe = Recipe().replace(**{"model.name": name, "model.latent_dim": 4, "model.width": 8, "model.hidden": 32,
+                                 "model.rotation": 1.0, "model.test_flip": True})
     model = build_model(recipe.model, (1, 8, 8), 10).eval()
     with torch.no_grad():
         for b in model.buffers():  # buffers must travel too
@@ -92,6 +109,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
     with torch.no_grad():
         assert torch.equal(model.predict_proba(x), loaded.predict_proba(x))
         assert torch.equal(model.reconstruct(x), loaded.reconstruct(x))
+        assert torch.equal(model.class_probs(x), loaded.class_probs(x))
+        up = model.upright_logp(x)
+        assert (up is None and loaded.upright_logp(x) is None) or torch.equal(up, loaded.upright_logp(x))
     assert meta["model"] == name and meta["metrics"]["accuracy"] == 0.5
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
 

@@ -41,7 +41,7 @@ class Classifier(nn.Module):
         self.model = model
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.model.predict_proba(image)
+        return self.model.class_probs(image)
 
 
 class Encoder(nn.Module):
@@ -153,7 +153,7 @@ def reference_inputs(model, part: str, images: Tensor) -> tuple[Tensor, ...]:
     with torch.no_grad():
         z = model.latent_means(images)
         if decoder_takes_class(model):
-            return z, torch.nn.functional.one_hot(model.predict_proba(images).argmax(1), model.num_classes).float()
+            return z, torch.nn.functional.one_hot(model.class_probs(images).argmax(1), model.num_classes).float()
     return (z,)
 
 

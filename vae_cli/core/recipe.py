@@ -98,6 +98,11 @@ class ModelConfig:
                                                    "sees the whole batch. Caps the K-fold decoder cost", min=1)
     align: bool = key(False, "M2: distribution alignment of the pseudo-labels (ReMixMatch): divide q(y|x) by "
                              "its running mean over unlabelled batches, against pseudo-label class imbalance")
+    rotation: float = key(0.0, "M2: weight of a self-supervised rotation-prediction loss on the trunk (0: off; "
+                               "Gidaris et al. 2018, S4L). Its head's log p(upright|x) joins --reject's "
+                               "combined score (Hendrycks et al. 2019)", min=0.0)
+    test_flip: bool = key(False, "predict from the image and its mirror image, class probabilities averaged "
+                                 "(test-time flips): for models trained with train.augment_flip")
     dropout: float = key(0.3, "dropout in the classifier (M2's q(y|x), the VAE's M1 head when head_hidden > 0)",
                          min=0.0, max=0.95)
     iw_samples: int = key(5, "iwae: importance samples per image in the training bound (Burda et al. 2016)",

@@ -15,6 +15,7 @@ import yaml
 from vae_cli.artifacts.rundir import RunDir
 from vae_cli.core import fsutil
 from vae_cli.core.console import Reporter
+from vae_cli.core.errors import RecipeError
 from vae_cli.core.recipe import Recipe
 from vae_cli.core.runtime import Runtime, cpu_budget, resolve, seeded_everything
 from vae_cli.data import build_dataset
@@ -57,6 +58,10 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
         run.remove_stale_temp_files()
     data = build_dataset(recipe.data, recipe.seed)
     model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
+    if recipe.train.reject_score == "rotation" and not hasattr(model, "rotation_head"):
+        raise RecipeError(f"train.reject_score=rotation needs a rotation head, which '{recipe.model.name}' with "
+                          f"model.rotation={recipe.model.rotation:g} has not: set model.rotation > 0 (M2 on "
+                          "images, e.g. 5000) or pick another train.reject_score")
     if d.enabled:
         torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
     loop = Loop(model, data, recipe, rt, run, reporter, d)

@@ -32,8 +32,16 @@ def _batched(fn, x: Tensor, runtime: Runtime, batch_size: int) -> list[Tensor]:
 def predict(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
     """Class probabilities for x (moved to the model's device batch by batch)."""
     model.eval()
-    out = _batched(model.predict_proba, x, runtime, batch_size)
+    out = _batched(model.class_probs, x, runtime, batch_size)
     return torch.cat(out) if out else torch.empty(0, model.num_classes)
+
+
+def upright(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor | None:
+    """log p(upright | x) from the model's rotation head, or None when it has none."""
+    model.eval()
+    if len(x) == 0 or model.upright_logp(x[:1].to(runtime.device)) is None:
+        return None
+    return torch.cat(_batched(model.upright_logp, x, runtime, batch_size))
 
 
 def latent_means(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
@@ -69,7 +77,7 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, 
             xb = xb.to(runtime.device, non_blocking=True)
             with runtime.autocast():
                 parts = model.elbo_parts(xb)
-                probs.append(model.predict_proba(xb).float().cpu())
+                probs.append(model.class_probs(xb).float().cpu())
                 means.append(model.latent_means(xb).float().cpu())
             recon.append(parts["recon"].float().cpu())
             kl.append(parts["kl"].float().cpu())

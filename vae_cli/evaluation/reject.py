@@ -14,9 +14,13 @@ little detail is cheap to encode whatever its content. The scores:
                log p(x) *and* a short L(x), so the correction removes what made them look typical.
   confidence   the classifier's maximum softmax probability (Hendrycks & Gimpel 2017, "A baseline for
                detecting misclassified and out-of-distribution examples").
-  combined     complexity and confidence joined by Fisher's method (Fisher 1925): each turned into its
-               lower-tail p-value among the held-out training images, then -2 * sum(log p) flipped in sign.
-               An image is rejected when it is unusual for either view, weighted by how unusual.
+  rotation     log p(upright | x) from a head trained, beside the model, to tell which of four quarter turns
+               an image was given (`model.rotation` > 0; Hendrycks et al. 2019, "Using self-supervised
+               learning can improve model robustness and uncertainty"). Only models with that head have it.
+  combined     likelihood and complexity (two-sided: too typical-looking is as suspect as too unusual),
+               confidence and, where the model has it, rotation (lower tail), joined by Fisher's method
+               (Fisher 1925): each turned into its p-value among the held-out training images, then
+               2 * sum(log p). An image is rejected when it is unusual for any view, weighted by how unusual.
 
 Every score is calibrated the same way: its `train.reject_rate` quantile on the held-out training images
 is the threshold; the sorted held-out values of every score travel in the weights file, so another rate
@@ -38,7 +42,7 @@ from vae_cli.core.errors import CheckpointError, UsageError
 from vae_cli.core.registry import Registry
 from vae_cli.evaluation import metrics
 from vae_cli.evaluation.catalog import LEGACY_NAMES
-from vae_cli.evaluation.evaluate import log_likelihood, predict
+from vae_cli.evaluation.evaluate import log_likelihood, predict, upright
 
 # Test images scored at the end of training to report the false-reject rate on new data.
 TEST_CHECK_IMAGES = 2000
@@ -47,7 +51,7 @@ TEST_CHECK_IMAGES = 2000
 @dataclass(frozen=True)
 class Score:
     help: str
-    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence
+    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence, upright
     # a base score: per-image values from the measurements; a derived one: from the base scores' values
     # and their sorted held-out values
     compute: Callable[[dict[str, Tensor]], Tensor] | None = None
@@ -116,11 +120,13 @@ def tail_logp(values: Tensor, held_out_sorted: list[float], side: str = "lower",
     return upper if side == "upper" else (math.log(2.0) + torch.minimum(lower, upper)).clamp_max(0.0)
 
 
-def fisher(parts: tuple[tuple[str, str], ...]):
+def fisher(parts: tuple[tuple[str, str], ...], optional: tuple[str, ...] = ()):
     """Fisher's method (Fisher 1925) over the p-values of base scores, each with its tail, sign-flipped
-    (higher: more typical): 2 * sum(log p_i)."""
+    (higher: more typical): 2 * sum(log p_i). An `optional` part joins when the model has it (its held-out
+    values were stored)."""
     def combine(base: dict[str, Tensor], held: dict[str, list[float]], in_sample: bool = False) -> Tensor:
-        return 2.0 * sum(tail_logp(base[n], held[n], side, in_sample) for n, side in parts)
+        return 2.0 * sum(tail_logp(base[n], held[n], side, in_sample) for n, side in parts
+                         if n not in optional or n in held)
     return combine
 
 
@@ -130,16 +136,24 @@ SCORES.add("complexity", Score("log2 p(x) + PNG length in bits (Serra et al. 202
                                compute=lambda p: p["log_px"] / math.log(2.0) + p["png_bits"]))
 SCORES.add("confidence", Score("classifier confidence, logit of the max softmax (Hendrycks & Gimpel 2017)",
                                ("confidence",), compute=lambda p: p["confidence"]))
-SCORES.add("combined", Score("likelihood and complexity (two-sided) + confidence, Fisher's method on held-out "
-                             "p-values", ("log_px", "png_bits", "confidence"),
-                             combine=fisher((("likelihood", "two"), ("complexity", "two"), ("confidence", "lower")))))
-BASE = ("likelihood", "complexity", "confidence")  # the scores whose held-out values are stored
+SCORES.add("rotation", Score("log p(upright|x), self-supervised rotation head (Hendrycks et al. 2019); "
+                             "models trained with model.rotation > 0", ("upright",), compute=lambda p: p["upright"]))
+SCORES.add("combined", Score("likelihood and complexity (two-sided) + confidence + rotation where the model has "
+                             "it, Fisher's method on held-out p-values",
+                             ("log_px", "png_bits", "confidence", "upright"),
+                             combine=fisher((("likelihood", "two"), ("complexity", "two"), ("confidence", "lower"),
+                                             ("rotation", "lower")), optional=("rotation",))))
+BASE = ("likelihood", "complexity", "confidence", "rotation")  # the scores whose held-out values are stored
+OPTIONAL = ("rotation",)  # base scores only some models have
 
 
 def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(
-        ("log_px", "png_bits", "confidence")), progress=None) -> dict[str, Tensor]:
-    """The per-image measurements the scores read (float64, on the CPU)."""
+        ("log_px", "png_bits", "confidence", "upright")), progress=None) -> dict[str, Tensor]:
+    """The per-image measurements the scores read (float64, on the CPU); `upright` only from a model with a
+    rotation head."""
     out = {}
+    if "upright" in parts and (up := upright(model, x, rt)) is not None:
+        out["upright"] = up.double()
     if "png_bits" in parts:
         out["png_bits"] = png_bits(x)
     if "confidence" in parts:
@@ -182,7 +196,10 @@ def held_out_values(cal: dict, name: str) -> Tensor:
     if name in held:
         return torch.tensor(held[name], dtype=torch.float64)
     comps = cal.get("components") or {}
-    if not set(BASE) <= set(comps):
+    if name in OPTIONAL:
+        raise CheckpointError(f"this model has no {name} head for --reject-score {name} (train it with "
+                              f"model.{name} > 0, e.g. 5000 on photos); it has: {', '.join(sorted(held))}")
+    if not set(BASE) - set(OPTIONAL) <= set(comps):
         raise CheckpointError(f"this weights file has no held-out values for --reject-score {name} (it has: "
                               f"{', '.join(sorted(held))}); retrain it with this version to calibrate every score")
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in comps.items()}
@@ -210,7 +227,7 @@ def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: floa
     sorted_held = held_sorted(cal)
     cal["test_reject_rates"] = {
         n: float((values(n, test, sorted_held) < threshold_of(cal, n, rate)).double().mean()) if len(test_x) else None
-        for n in SCORES.names()}
+        for n in SCORES.names() if n not in OPTIONAL or n in held}
     cal["threshold"] = threshold_of(cal, default, rate)
     cal["holdout_scores"] = sorted(held_out_values(cal, default).tolist())
     cal["test_reject_rate"] = cal["test_reject_rates"][default]

@@ -78,6 +78,19 @@ class Model(nn.Module):
         """Class probabilities (B, num_classes) from the model's best classifier."""
         raise NotImplementedError
 
+    def class_probs(self, x: Tensor) -> Tensor:
+        """What every command predicts with: `predict_proba`, averaged with the mirror image's when the
+        recipe asks (`model.test_flip`; a model trained on random flips gives both views a vote)."""
+        p = self.predict_proba(x)
+        if getattr(self.cfg, "test_flip", False) and x.ndim == 4:
+            p = (p + self.predict_proba(x.flip(-1))) / 2
+        return p
+
+    def upright_logp(self, x: Tensor) -> Tensor | None:
+        """(B,) log p(x is the right way up) from a self-supervised rotation head; None when the model has
+        none (only M2 with `model.rotation` > 0 has one)."""
+        return None
+
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """n images in [0, 1]; class-conditional when y is given."""
         raise NotImplementedError
