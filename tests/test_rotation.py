@@ -1,6 +1,6 @@
 """The self-supervised rotation task of M2 (`model.rotation`) and its `--reject` score: the turns are the
 ones claimed and repeat from the seed, the head learns and travels in the weights file, and the score
-ranks upright photos above the same photos upside down."""
+ranks upright photos above the same photos turned a quarter."""
 
 from __future__ import annotations
 
@@ -66,20 +66,22 @@ def test_rotation_term_trains_its_head_and_is_off_by_default():
 
 @pytest.fixture(scope="module")
 def rotation_run(tmp_path_factory, runner):
-    """A small colour-photo M2 trained with the rotation task; the test photos and their upside-down copies."""
+    """A small colour-photo M2 trained with the rotation task; the test photos with an orientation (bars stand
+    upright, bands run one diagonal way; a disc has none) and their copies turned a quarter."""
     root = tmp_path_factory.mktemp("rotphotos")
     photo_folder(root, 40, "train")
     test_files = photo_folder(root, 10, "test", seed=1)
-    flipped = root / "flipped"
-    flipped.mkdir()
-    for i, f in enumerate(test_files):
-        Image.open(f).convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(flipped / f"{i:03d}.png")
+    oriented = [f for f in test_files if f.parent.name != "disc"]
+    turned = root / "turned"
+    turned.mkdir()
+    for i, f in enumerate(oriented):
+        Image.open(f).convert("RGB").transpose(Image.Transpose.ROTATE_90).save(turned / f"{i:03d}.png")
     out = tmp_path_factory.mktemp("rotrun")
     res = runner.invoke(app, ["train", "recipes/folder-example.yaml", *PHOTO, f"data.root={root}", "epochs=10",
                               "model.rotation=3000", "--out", str(out), "--name", "rot", "--device", "cpu",
                               "--precision", "fp32", "--json", "--quiet"])
     assert res.exit_code == 0, res.output
-    return out / "rot" / "model.safetensors", test_files, flipped
+    return out / "rot" / "model.safetensors", oriented, turned
 
 
 def test_rotation_score_is_calibrated_and_joins_the_default(rotation_run):
@@ -95,14 +97,15 @@ def test_rotation_score_is_calibrated_and_joins_the_default(rotation_run):
     assert not torch.allclose(with_rot, without)  # the rotation p-value is part of the default score
 
 
-def test_rotation_score_ranks_upright_above_upside_down(rotation_run, runner):
-    weights, test_files, flipped = rotation_run
+def test_rotation_score_ranks_upright_above_turned(rotation_run, runner):
+    weights, oriented, turned = rotation_run
     scores = {}
-    for name, paths in (("upright", [str(f) for f in test_files]), ("flipped", [str(flipped)])):
+    for name, paths in (("upright", [str(f) for f in oriented]), ("turned", [str(turned)])):
         res = runner.invoke(app, ["classify", str(weights), *paths, "-f", "json", "--reject-score", "rotation"])
         assert res.exit_code == 0, res.output
         scores[name] = [r["score"] for r in json.loads(res.stdout)]
-    assert np.median(scores["upright"]) > np.median(scores["flipped"]), scores
+    up, off = np.array(scores["upright"]), np.array(scores["turned"])
+    assert np.median(up) > np.median(off) and np.mean(up > np.median(off)) >= 0.75, scores
 
 
 def test_rotation_score_without_the_head_is_one_clear_error(digits_run, runner, tmp_path):
