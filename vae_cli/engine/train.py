@@ -58,7 +58,7 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
         run.remove_stale_temp_files()
     data = build_dataset(recipe.data, recipe.seed)
     model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
-    if recipe.train.reject_score == "rotation" and not hasattr(model, "rotation_head"):
+    if recipe.train.reject_score == "rotation" and not model.has_rotation_head:
         raise RecipeError(f"train.reject_score=rotation needs a rotation head, which '{recipe.model.name}' with "
                           f"model.rotation={recipe.model.rotation:g} has not: set model.rotation > 0 (M2 on "
                           "images, e.g. 5000) or pick another train.reject_score")

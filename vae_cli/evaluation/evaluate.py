@@ -38,10 +38,11 @@ def predict(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor
 
 def upright(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor | None:
     """log p(upright | x) from the model's rotation head, or None when it has none."""
-    model.eval()
-    if len(x) == 0 or model.upright_logp(x[:1].to(runtime.device)) is None:
+    if not model.has_rotation_head:
         return None
-    return torch.cat(_batched(model.upright_logp, x, runtime, batch_size))
+    model.eval()
+    out = _batched(model.upright_logp, x, runtime, batch_size)
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def latent_means(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:

@@ -59,6 +59,7 @@ class Score:
 
 
 SCORES: Registry[Score] = Registry("reject score", "train.reject_score")
+OPTIONAL = ("rotation",)  # base scores only some models have (their held-out values then are not stored)
 
 
 def png_bits(x: Tensor) -> Tensor:
@@ -142,9 +143,8 @@ SCORES.add("combined", Score("likelihood and complexity (two-sided) + confidence
                              "it, Fisher's method on held-out p-values",
                              ("log_px", "png_bits", "confidence", "upright"),
                              combine=fisher((("likelihood", "two"), ("complexity", "two"), ("confidence", "lower"),
-                                             ("rotation", "lower")), optional=("rotation",))))
+                                             ("rotation", "lower")), optional=OPTIONAL)))
 BASE = ("likelihood", "complexity", "confidence", "rotation")  # the scores whose held-out values are stored
-OPTIONAL = ("rotation",)  # base scores only some models have
 
 
 def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(

@@ -82,13 +82,17 @@ class Model(nn.Module):
         """What every command predicts with: `predict_proba`, averaged with the mirror image's when the
         recipe asks (`model.test_flip`; a model trained on random flips gives both views a vote)."""
         p = self.predict_proba(x)
-        if getattr(self.cfg, "test_flip", False) and x.ndim == 4:
+        if self.cfg.test_flip and x.ndim == 4:
             p = (p + self.predict_proba(x.flip(-1))) / 2
         return p
 
+    @property
+    def has_rotation_head(self) -> bool:
+        """Whether `upright_logp` has a head to answer from (only M2 on images with `model.rotation` > 0)."""
+        return hasattr(self, "rotation_head")
+
     def upright_logp(self, x: Tensor) -> Tensor | None:
-        """(B,) log p(x is the right way up) from a self-supervised rotation head; None when the model has
-        none (only M2 with `model.rotation` > 0 has one)."""
+        """(B,) log p(x is the right way up) from a self-supervised rotation head; None without one."""
         return None
 
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:

@@ -139,7 +139,7 @@ class M2(Model):
             terms["loss"] = terms["loss"] + cfg.consistency * consistency
             terms["consistency"] = consistency
             terms["pseudo_rate"] = mask.mean()
-        if cfg.rotation > 0 and len(self.input_shape) == 3:
+        if self.has_rotation_head:
             # the labelled images and those of the enumeration, each turned by a random quarter turn
             x_rot, turns = random_turns(torch.cat([batch.x_lab, batch.x[:n]]))
             rotation = F.cross_entropy(fp32(self.rotation_head, self.trunk(x_rot)), turns)
@@ -169,7 +169,7 @@ class M2(Model):
         turned copies are told apart, which needs it to look the right way up first (the score of Hendrycks
         et al. 2019, section 4; measured on CIFAR-10 against log p(turn 0 | x) alone: inverted 0.77 / 0.75
         AUROC in the combined score, upside-down 0.85 / 0.82). None without a head (`model.rotation` = 0)."""
-        if not hasattr(self, "rotation_head"):
+        if not self.has_rotation_head:
             return None
         turns = range(4) if x.shape[-1] == x.shape[-2] else (0, 2)
         return sum(F.log_softmax(fp32(self.rotation_head, self.trunk(torch.rot90(x, k, (2, 3)))), 1)[:, k]
