@@ -4,6 +4,7 @@ classified end to end (and resumed bit for bit after a kill, with all of it on).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -80,6 +81,46 @@ def test_alignment_divides_by_the_running_class_mean():
     before = model.q_mean.clone()
     model._pseudo_targets(skewed)
     assert torch.equal(model.q_mean, before)  # evaluation does not move it
+
+
+def test_strong_subset_keeps_every_passing_image_and_tops_up():
+    from vae_cli.models.m2 import strong_subset
+
+    conf = torch.tensor([0.9, 0.1, 0.85, 0.3, 0.2, 0.95])
+    mask = (conf >= 0.8).float()
+    assert strong_subset(conf, mask, 2).tolist() == [0, 2, 5]  # all that passed, more than asked
+    assert strong_subset(conf, mask, 4).tolist() == [0, 2, 3, 5]  # topped up with the next most confident
+    assert strong_subset(conf, mask, 99).tolist() == list(range(6))
+    assert strong_subset(conf, torch.zeros(6), 2).tolist() == [0, 5]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_strong_view_on_passing_images_gives_the_full_batch_gradient(share):
+    """Images below the threshold weigh zero in the consistency term, so running the strong view only on those
+    that passed (model.strong_all=false) gives the gradient of running it on all (batch norm in eval mode, so its
+    statistics do not depend on which images went through). `share`: the share of the 80 images that pass."""
+    from vae_cli.models.base import Batch
+
+    torch.manual_seed(1)
+    x, x_lab = torch.rand(80, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    batch = Batch(x, torch.zeros(80, dtype=torch.long), torch.zeros(80, dtype=torch.bool), x_lab,
+                  torch.arange(8) % 4, strong=lambda t: t.flip(-1) * 0.9)  # deterministic: no draws to differ
+    grads, rates = [], []
+    for strong_all in (True, False):
+        cfg = ModelConfig(name="m2", width=8, hidden=32, latent_dim=4, backbone="resnet", decoder="mlp",
+                          consistency=5.0, strong_all=strong_all, head_hidden=0)
+        torch.manual_seed(0)
+        model = build_model(cfg, (3, 16, 16), 4).eval()
+        conf = model.predict_proba(x).max(1).values.sort().values.tolist()
+        threshold = {0.0: 1.0, 1.0: 0.0}.get(share, (conf[39] + conf[40]) / 2)
+        model.cfg = dataclasses.replace(cfg, threshold=threshold)
+        torch.manual_seed(2)
+        terms = model.loss(batch, 1.0)
+        terms["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        rates.append(terms["pseudo_rate"].item())
+    assert rates == [share, share]
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 def test_saved_weights_are_the_moving_average(tmp_path, photos, monkeypatch):

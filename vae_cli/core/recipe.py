@@ -96,6 +96,9 @@ class ModelConfig:
     unlabelled_elbo_images: int | None = key(None, "M2: unlabelled images per step whose bound enumerates every "
                                                    "class (null: the whole batch); the consistency term always "
                                                    "sees the whole batch. Caps the K-fold decoder cost", min=1)
+    strong_all: bool = key(False, "M2: run the consistency term's strong view on every unlabelled image (true) "
+                                  "or only on those whose pseudo-label passed `model.threshold`, at least 64 "
+                                  "(false: the same gradient for less work; batch norm sees fewer images)")
     align: bool = key(False, "M2: distribution alignment of the pseudo-labels (ReMixMatch): divide q(y|x) by "
                              "its running mean over unlabelled batches, against pseudo-label class imbalance")
     rotation: float = key(0.0, "M2: weight of a self-supervised rotation-prediction loss on the trunk (0: off; "
