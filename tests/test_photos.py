@@ -123,6 +123,28 @@ def test_strong_view_on_passing_images_gives_the_full_batch_gradient(share):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_labelled_images_of_the_batch_are_their_own_consistency_target():
+    """With every image of the batch labelled and no prediction confident enough (threshold 1), the consistency
+    term is the cross-entropy of the strong views against the true labels; with none labelled it is zero."""
+    from vae_cli.models.base import Batch
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="m2", width=8, hidden=32, latent_dim=4, backbone="resnet", decoder="mlp",
+                      consistency=5.0, threshold=1.0, head_hidden=0)
+    model = build_model(cfg, (3, 16, 16), 4).eval()
+    x, y = torch.rand(70, 3, 16, 16), torch.arange(70) % 4
+
+    def view(t):
+        return t.flip(-1)
+
+    for labelled in (True, False):
+        batch = Batch(x, y, torch.full((70,), labelled), x[:8], y[:8], strong=view)
+        got = model.loss(batch, 1.0)["consistency"].item()
+        logits = model.class_logits(model.trunk(view(x)))
+        want = torch.nn.functional.cross_entropy(logits, y).item() if labelled else 0.0
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
 def test_saved_weights_are_the_moving_average(tmp_path, photos, monkeypatch):
     from vae_cli.core import recipe as R
     from vae_cli.core.console import Reporter

@@ -148,6 +148,11 @@ class M2(Model):
         if cfg.consistency > 0 and len(self.input_shape) == 3:
             conf, pseudo = self._pseudo_targets(q_all).max(1)
             mask = (conf >= cfg.threshold).float()
+            # images of the batch whose label may be used are their own target, confident or not: with every
+            # image labelled (an all-labels recipe) the term is the classifier's cross-entropy on strong views
+            # of the whole batch, not only on `train.labelled_batch_size` images a step
+            pseudo = torch.where(batch.labelled, batch.y, pseudo)
+            mask = torch.where(batch.labelled, torch.ones_like(mask), mask)
             pick = strong_subset(conf, mask, len(batch.x) if cfg.strong_all else STRONG_MIN)
             strong_logits = self.class_logits(self.trunk(batch.strong(batch.x[pick])))
             per_image = F.cross_entropy(strong_logits, pseudo[pick], reduction="none") * mask[pick]
