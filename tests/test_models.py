@@ -61,6 +61,20 @@ def test_test_flip_averages_the_mirror_image(name):
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_energy_is_the_logsumexp_of_the_class_logits(name):
+    """The energy reject score (Liu et al. 2020) keeps the logits' scale the softmax drops; the softmax of
+    the same logits is what every model predicts."""
+    x = torch.rand(6, 3, 16, 16)
+    plain, flip = _model(name, (3, 16, 16)).eval(), _model(name, (3, 16, 16), test_flip=True).eval()
+    with torch.no_grad():
+        logits = plain.predict_logits(x)
+        assert torch.allclose(plain.energy(x), torch.logsumexp(logits, 1), atol=1e-6)
+        assert torch.allclose(plain.predict_proba(x), torch.softmax(logits, 1), atol=1e-6)
+        want = (torch.logsumexp(flip.predict_logits(x), 1) + torch.logsumexp(flip.predict_logits(x.flip(3)), 1)) / 2
+        assert torch.allclose(flip.energy(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_bf16_autocast_loss_is_finite(name):
     model = _model(name, (1, 28, 28))
     x = torch.rand(4, 1, 28, 28)
@@ -110,6 +124,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
         assert torch.equal(model.predict_proba(x), loaded.predict_proba(x))
         assert torch.equal(model.reconstruct(x), loaded.reconstruct(x))
         assert torch.equal(model.class_probs(x), loaded.class_probs(x))
+        assert torch.equal(model.energy(x), loaded.energy(x))
         up = model.upright_logp(x)
         assert (up is None and loaded.upright_logp(x) is None) or torch.equal(up, loaded.upright_logp(x))
     assert meta["model"] == name and meta["metrics"]["accuracy"] == 0.5

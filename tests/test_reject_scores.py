@@ -14,6 +14,7 @@ from PIL import Image
 from tests.imagegen import noise, outliers
 from vae_cli.artifacts.checkpoint import read_metadata
 from vae_cli.cli import app
+from vae_cli.core.errors import CheckpointError
 from vae_cli.evaluation import metrics, reject
 
 
@@ -103,6 +104,21 @@ def test_calibration_holds_every_score_per_image(digits_run):
         assert 0.05 <= below <= 0.12, name
 
 
+def test_files_calibrated_before_energy_keep_their_combination(digits_run):
+    """A weights file whose calibration has no energy values (older versions) combines confidence as before,
+    so its stored threshold still holds; asking it for the energy score is a clear error."""
+    cal = read_metadata(digits_run / "model.safetensors")["reject"]
+    old = {**cal, "components": {n: v for n, v in cal["components"].items() if n != "energy"}}
+    held = reject.held_sorted(old)
+    base = {n: torch.tensor(v, dtype=torch.float64) for n, v in old["components"].items()}
+    before = reject.fisher((("likelihood", "two"), ("complexity", "two"), ("confidence", "lower")))
+    assert torch.allclose(reject.held_out_values(old, "combined"), before(base, held, True))
+    new = reject.held_out_values(cal, "combined")
+    assert not torch.allclose(new, reject.held_out_values(old, "combined"))  # energy is in the new files' one
+    with pytest.raises(CheckpointError, match="before the energy score existed"):
+        reject.held_out_values(old, "energy")
+
+
 def _classify(runner, weights, paths, *extra):
     res = runner.invoke(app, ["classify", str(weights), *map(str, paths), "-f", "json", *extra])
     assert res.exit_code == 0, res.output
@@ -111,8 +127,8 @@ def _classify(runner, weights, paths, *extra):
 
 @pytest.mark.parametrize("score", DIGIT_SCORES)
 def test_each_score_ranks_digits_above_what_it_is_for(digits_run, sets, runner, score, tmp_path):
-    """likelihood and combined: noise; complexity: flat images (its reason to exist; on noise it fails, as
-    measured on CIFAR-10 in BENCHMARKS.md); confidence: noise on the median."""
+    """likelihood, energy and combined: noise; complexity: flat images (its reason to exist; on noise it fails,
+    as measured on CIFAR-10 in BENCHMARKS.md); confidence: noise on the median."""
     weights = digits_run / "model.safetensors"
     digits, err = _classify(runner, weights, [sets / "digits"], "--reject-score", score)
     assert f"{score} score <" in err

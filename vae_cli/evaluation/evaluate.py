@@ -36,6 +36,13 @@ def predict(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor
     return torch.cat(out) if out else torch.empty(0, model.num_classes)
 
 
+def energy(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
+    """logsumexp of the class logits per image (Liu et al. 2020), as `Model.energy` gives it."""
+    model.eval()
+    out = _batched(model.energy, x, runtime, batch_size)
+    return torch.cat(out) if out else torch.empty(0)
+
+
 def upright(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor | None:
     """log p(upright | x) from the model's rotation head, or None when it has none."""
     if not model.has_rotation_head:

@@ -74,9 +74,13 @@ class Model(nn.Module):
         """Images in [0, 1] from latent codes as `latent_means` gives them (class y where it matters)."""
         raise NotImplementedError
 
-    def predict_proba(self, x: Tensor) -> Tensor:
-        """Class probabilities (B, num_classes) from the model's best classifier."""
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Class logits (B, num_classes) of the model's best classifier, float32."""
         raise NotImplementedError
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """Class probabilities (B, num_classes): the softmax of `predict_logits`."""
+        return torch.softmax(self.predict_logits(x).float(), 1)
 
     def class_probs(self, x: Tensor) -> Tensor:
         """What every command predicts with: `predict_proba`, averaged with the mirror image's when the
@@ -85,6 +89,16 @@ class Model(nn.Module):
         if self.cfg.test_flip and x.ndim == 4:
             p = (p + self.predict_proba(x.flip(-1))) / 2
         return p
+
+    def energy(self, x: Tensor) -> Tensor:
+        """(B,) logsumexp of the class logits, the negative free energy of Liu et al. 2020 ("Energy-based
+        out-of-distribution detection"): higher for inputs like the training data. Unlike the maximum softmax
+        probability it keeps the logits' scale, which an unfamiliar input tends to shrink. Averaged with the
+        mirror image's under `model.test_flip`, as `class_probs` is."""
+        e = torch.logsumexp(self.predict_logits(x).float(), 1)
+        if self.cfg.test_flip and x.ndim == 4:
+            e = (e + torch.logsumexp(self.predict_logits(x.flip(-1)).float(), 1)) / 2
+        return e
 
     @property
     def has_rotation_head(self) -> bool:

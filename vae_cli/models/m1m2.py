@@ -38,8 +38,8 @@ class M1M2(Model):
         return {"loss": t1["loss"] + t2["loss"], "recon": t1["recon"], "kl": t1["kl"],
                 "m2_loss": t2["loss"], "class_loss": t2["class_loss"]}
 
-    def predict_proba(self, x: Tensor) -> Tensor:
-        return self.m2.predict_proba(self.m1.encode(x)[0])
+    def predict_logits(self, x: Tensor) -> Tensor:
+        return self.m2.predict_logits(self.m1.encode(x)[0])
 
     def elbo_parts(self, x: Tensor) -> dict[str, Tensor]:
         return self.m1.elbo_parts(x)

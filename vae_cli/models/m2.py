@@ -182,8 +182,8 @@ class M2(Model):
         return aligned / aligned.sum(1, keepdim=True)
 
     # --- using a trained model --------------------------------------------------------------------
-    def predict_proba(self, x: Tensor) -> Tensor:
-        return F.softmax(self.class_logits(self.trunk(x)), 1)
+    def predict_logits(self, x: Tensor) -> Tensor:
+        return self.class_logits(self.trunk(x))
 
     def upright_logp(self, x: Tensor) -> Tensor | None:
         """sum over the turns k of log p(turn k | x turned by k), from the rotation head: how well the image's

@@ -116,9 +116,9 @@ class VAE(Model):
         self.eval()
         return {"head_loss": total}
 
-    def predict_proba(self, x):
+    def predict_logits(self, x):
         mu, _ = self.encode(x)
-        return F.softmax(self.head(self._features(mu)).float(), dim=1)
+        return self.head(self._features(mu)).float()
 
     # --- generation ---------------------------------------------------------------------------------
     def sample(self, n, y=None, temperature=1.0):
