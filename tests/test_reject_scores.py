@@ -104,6 +104,20 @@ def test_calibration_holds_every_score_per_image(digits_run):
         assert 0.05 <= below <= 0.12, name
 
 
+def test_fisher_counts_a_group_of_dependent_scores_once():
+    """A group's p-values become one by Bonferroni (k x the smallest, capped at 1) before Fisher's sum."""
+    held = {n: [float(v) for v in range(99)] for n in "abc"}
+    base = {"a": torch.tensor([10.0, 50.0, -5.0]), "b": torch.tensor([90.0, 49.0, 50.0]),
+            "c": torch.tensor([3.0, 60.0, 120.0])}
+    la, lb, lc = (reject.tail_logp(base[n], held[n], side) for n, side in (("a", "two"), ("b", "two"), ("c", "lower")))
+    got = reject.fisher(((("a", "two"), ("b", "two")), ("c", "lower")))(base, held)
+    want = 2 * ((math.log(2) + torch.minimum(la, lb)).clamp_max(0) + lc)
+    assert torch.allclose(got, want)
+    assert got[1] > got[0] and got[1] > got[2]  # typical in every view beats extreme in one
+    plain = reject.fisher((("a", "two"), ("b", "two"), ("c", "lower")))(base, held)
+    assert torch.allclose(plain, 2 * (la + lb + lc))
+
+
 def test_files_calibrated_before_energy_keep_their_combination(digits_run):
     """A weights file whose calibration has no energy values (older versions) combines confidence as before,
     so its stored threshold still holds; asking it for the energy score is a clear error."""
@@ -111,7 +125,7 @@ def test_files_calibrated_before_energy_keep_their_combination(digits_run):
     old = {**cal, "components": {n: v for n, v in cal["components"].items() if n != "energy"}}
     held = reject.held_sorted(old)
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in old["components"].items()}
-    before = reject.fisher((("likelihood", "two"), ("complexity", "two"), ("confidence", "lower")))
+    before = reject.fisher(((("likelihood", "two"), ("complexity", "two")), ("confidence", "lower")))
     assert torch.allclose(reject.held_out_values(old, "combined"), before(base, held, True))
     new = reject.held_out_values(cal, "combined")
     assert not torch.allclose(new, reject.held_out_values(old, "combined"))  # energy is in the new files' one

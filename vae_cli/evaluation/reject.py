@@ -21,8 +21,9 @@ little detail is cheap to encode whatever its content. The scores:
   rotation     log p(upright | x) from a head trained, beside the model, to tell which of four quarter turns
                an image was given (`model.rotation` > 0; Hendrycks et al. 2019, "Using self-supervised
                learning can improve model robustness and uncertainty"). Only models with that head have it.
-  combined     likelihood and complexity (two-sided: too typical-looking is as suspect as too unusual),
-               energy (confidence in files calibrated before it existed) and, where the model has it,
+  combined     likelihood and complexity (two-sided: too typical-looking is as suspect as too unusual; both
+               read log p(x), so they count as one p-value, Bonferroni's twice the smaller), energy
+               (confidence in files calibrated before it existed) and, where the model has it,
                rotation (lower tail), joined by Fisher's method
                (Fisher 1925): each turned into its p-value among the held-out training images, then
                2 * sum(log p). An image is rejected when it is unusual for any view, weighted by how unusual.
@@ -128,17 +129,33 @@ def tail_logp(values: Tensor, held_out_sorted: list[float], side: str = "lower",
     return upper if side == "upper" else (math.log(2.0) + torch.minimum(lower, upper)).clamp_max(0.0)
 
 
-def fisher(parts: tuple[tuple[str, str], ...], optional: tuple[str, ...] = (), older: dict[str, str] | None = None):
+Part = tuple[str, str]  # a base score and the tail its p-value is taken from: lower, upper or two
+
+
+def fisher(parts: tuple[Part | tuple[Part, ...], ...], optional: tuple[str, ...] = (),
+           older: dict[str, str] | None = None):
     """Fisher's method (Fisher 1925) over the p-values of base scores, each with its tail, sign-flipped
-    (higher: more typical): 2 * sum(log p_i). An `optional` part joins when the model has it (its held-out
-    values were stored); a part in `older` stands in for its newer one in files calibrated before that
-    existed, so such a file keeps the combination its threshold was set on."""
-    swap = {new: old for new, old in (older or {}).items()}
+    (higher: more typical): 2 * sum(log p_i). Fisher's method assumes independent p-values, so a group of
+    parts that measure one thing (a tuple of parts) first becomes one p-value by Bonferroni's bound, k times
+    the smallest of its k, capped at 1. An `optional` part joins when the model has it (its held-out values
+    were stored); a part in `older` (newer name -> older name) is replaced by the older base score in files
+    calibrated before the newer one existed."""
+    older = older or {}
 
     def combine(base: dict[str, Tensor], held: dict[str, list[float]], in_sample: bool = False) -> Tensor:
-        names = [(swap[n] if n in swap and n not in held else n, side) for n, side in parts]
-        return 2.0 * sum(tail_logp(base[n], held[n], side, in_sample) for n, side in names
-                         if n not in optional or n in held)
+        def logp(part: Part) -> Tensor:
+            name, side = part
+            name = older[name] if name in older and name not in held else name
+            return tail_logp(base[name], held[name], side, in_sample)
+
+        total = 0.0
+        for part in parts:
+            group = part if isinstance(part[0], tuple) else (part,)
+            group = tuple(g for g in group if g[0] not in optional or g[0] in held)
+            if group:
+                least = torch.stack([logp(g) for g in group]).min(0).values
+                total = total + (math.log(len(group)) + least).clamp_max(0.0)
+        return 2.0 * total
     return combine
 
 
@@ -152,10 +169,10 @@ SCORES.add("energy", Score("logsumexp of the class logits, negative free energy 
                            compute=lambda p: p["energy"]))
 SCORES.add("rotation", Score("log p(upright|x), self-supervised rotation head (Hendrycks et al. 2019); "
                              "models trained with model.rotation > 0", ("upright",), compute=lambda p: p["upright"]))
-SCORES.add("combined", Score("likelihood and complexity (two-sided) + energy + rotation where the model has it, "
-                             "Fisher's method on held-out p-values",
+SCORES.add("combined", Score("likelihood and complexity (two-sided, one Bonferroni p-value) + energy + rotation "
+                             "where the model has it, Fisher's method on held-out p-values",
                              ("log_px", "png_bits", "confidence", "energy", "upright"),
-                             combine=fisher((("likelihood", "two"), ("complexity", "two"), ("energy", "lower"),
+                             combine=fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower"),
                                              ("rotation", "lower")), optional=OPTIONAL, older=NEWER)))
 # the scores whose held-out values are stored
 BASE = ("likelihood", "complexity", "confidence", "energy", "rotation")
