@@ -75,6 +75,19 @@ def test_energy_is_the_logsumexp_of_the_class_logits(name):
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_ood_features_are_per_image_and_mirror_averaged(name):
+    """What the knn reject score compares: one finite vector per image, the same for an image wherever it sits
+    in the batch (eval mode), averaged with the mirror image's under test_flip."""
+    x = torch.rand(6, 3, 16, 16)
+    plain, flip = _model(name, (3, 16, 16)).eval(), _model(name, (3, 16, 16), test_flip=True).eval()
+    with torch.no_grad():
+        f = plain.ood_features(x)
+        assert f.ndim == 2 and f.shape[0] == 6 and f.shape[1] > 0 and torch.isfinite(f).all()
+        assert torch.allclose(plain.ood_features(x[3:]), f[3:], atol=1e-5)
+        assert torch.allclose(flip.ood_features(x), (flip.features(x) + flip.features(x.flip(3))) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_bf16_autocast_loss_is_finite(name):
     model = _model(name, (1, 28, 28))
     x = torch.rand(4, 1, 28, 28)

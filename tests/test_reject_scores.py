@@ -70,7 +70,7 @@ def test_confidence_does_not_saturate():
 
 
 # the scores a model without a rotation head has (tests/test_rotation.py covers that one)
-DIGIT_SCORES = [n for n in reject.SCORES.names() if n not in reject.OPTIONAL]
+DIGIT_SCORES = [n for n in reject.SCORES.names() if n != "rotation"]  # a plain VAE has no rotation head
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def sets(tmp_path_factory, digits_run):
 def test_calibration_holds_every_score_per_image(digits_run):
     cal = read_metadata(digits_run / "model.safetensors")["reject"]
     assert cal["score"] == "combined"  # the recipe default
-    assert set(cal["components"]) == set(reject.BASE) - set(reject.OPTIONAL)  # a plain VAE: no rotation head
+    assert set(cal["components"]) == set(reject.BASE) - {"rotation"}  # a plain VAE: no rotation head
+    assert cal["knn_k"] == 1  # 143 held-out images: k = n / 100, at least 1
     assert all(len(v) == cal["holdout_images"] for v in cal["components"].values())
     assert set(cal["test_reject_rates"]) == set(DIGIT_SCORES)
     # the stored threshold is the rate quantile of the default score, rebuilt from the components
@@ -122,7 +123,7 @@ def test_files_calibrated_before_energy_keep_their_combination(digits_run):
     """A weights file whose calibration has no energy values (older versions) combines confidence as before,
     so its stored threshold still holds; asking it for the energy score is a clear error."""
     cal = read_metadata(digits_run / "model.safetensors")["reject"]
-    old = {**cal, "components": {n: v for n, v in cal["components"].items() if n != "energy"}}
+    old = {**cal, "components": {n: v for n, v in cal["components"].items() if n not in ("energy", "knn")}}
     held = reject.held_sorted(old)
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in old["components"].items()}
     before = reject.fisher(((("likelihood", "two"), ("complexity", "two")), ("confidence", "lower")))
@@ -131,6 +132,64 @@ def test_files_calibrated_before_energy_keep_their_combination(digits_run):
     assert not torch.allclose(new, reject.held_out_values(old, "combined"))  # energy is in the new files' one
     with pytest.raises(CheckpointError, match="before the energy score existed"):
         reject.held_out_values(old, "energy")
+
+
+def test_files_calibrated_before_knn_keep_their_combination(digits_run):
+    """Session 7's files (energy, no knn values or features) combine without knn; `knn` on them is a clear
+    error, and so is a knn calibration whose features tensor is missing."""
+    meta = read_metadata(digits_run / "model.safetensors")
+    cal = meta["reject"]
+    old = {**cal, "components": {n: v for n, v in cal["components"].items() if n != "knn"}}
+    held = reject.held_sorted(old)
+    base = {n: torch.tensor(v, dtype=torch.float64) for n, v in old["components"].items()}
+    before = reject.fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower")))
+    assert torch.allclose(reject.held_out_values(old, "combined"), before(base, held, True))
+    assert not torch.allclose(reject.held_out_values(cal, "combined"), reject.held_out_values(old, "combined"))
+    with pytest.raises(CheckpointError, match="before the knn score existed"):
+        reject.held_out_values(old, "knn")
+    assert reject.gate({**meta, "reject": old}).reference is None
+    with pytest.raises(CheckpointError, match="lacks the held-out features"):
+        reject.gate(meta)  # read_metadata does not load tensors: the features are missing
+
+
+def test_knn_is_the_kth_nearest_held_out_similarity():
+    """By hand on unit vectors: the k-th largest cosine similarity, the image's own match left out in-sample."""
+    ref = reject.Reference(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), k=2)
+    got = reject.knn_similarity(torch.tensor([[2.0, 0.0], [0.0, -1.0]]), ref)
+    assert got.tolist() == pytest.approx([0.6, -0.8])  # (1, 0): sims 1, 0, 0.6 -> 0.6; (0, -1): 0, -1, -0.8 -> -0.8
+    loo = reject.knn_similarity(ref.features, ref, leave_self_out=True)
+    assert loo.tolist() == pytest.approx([0.0, 0.0, 0.6])  # each skips itself (similarity 1), then the 2nd
+
+
+def test_the_gate_measures_only_what_the_files_combination_reads(digits_run, monkeypatch):
+    """`classify --reject` with the combined score runs the classifier for energy only (confidence only in files
+    calibrated before energy), and for rotation only where the model has the head: each is a trunk pass or two
+    per image. What it leaves out does not change the scores."""
+    from vae_cli.artifacts import checkpoint
+    from vae_cli.core.runtime import resolve
+
+    cal = read_metadata(digits_run / "model.safetensors")["reject"]
+    held = reject.held_sorted(cal)
+    assert reject.needs("combined", held) == {"log_px", "png_bits", "energy", "knn"}  # a plain VAE: no rotation head
+    old = reject.held_sorted({**cal, "components": {n: v for n, v in cal["components"].items()
+                                                    if n not in ("energy", "knn")}})
+    assert reject.needs("combined", old) == {"log_px", "png_bits", "confidence"}
+    assert reject.needs("combined", {**held, "rotation": [0.0]}) == {"log_px", "png_bits", "energy", "knn", "upright"}
+    assert reject.needs("combined") == set(reject.SCORES.get("combined").parts)  # no file: everything
+    assert reject.needs("energy", held) == {"energy"}
+
+    model, meta = checkpoint.load(digits_run / "model.safetensors")
+    rt = resolve("cpu", "fp32")
+    x = torch.rand(6, *model.image_shape)
+    asked = []
+    measure = reject.measure
+    monkeypatch.setattr(reject, "measure", lambda *a, **k: asked.append(set(a[5])) or measure(*a, **k))
+    g = reject.gate(meta)
+    got = g.scores(model, x, rt, seed=3)
+    assert asked == [{"log_px", "png_bits", "energy", "knn"}]
+    full = reject.values("combined", reject.base_values(measure(model, x, rt, g.samples, 3, reference=g.reference)),
+                         g.held)
+    assert torch.allclose(got, full)
 
 
 def _classify(runner, weights, paths, *extra):
@@ -142,7 +201,8 @@ def _classify(runner, weights, paths, *extra):
 @pytest.mark.parametrize("score", DIGIT_SCORES)
 def test_each_score_ranks_digits_above_what_it_is_for(digits_run, sets, runner, score, tmp_path):
     """likelihood, energy and combined: noise; complexity: flat images (its reason to exist; on noise it fails,
-    as measured on CIFAR-10 in BENCHMARKS.md); confidence: noise on the median."""
+    as measured on CIFAR-10 in BENCHMARKS.md); confidence: noise on the median; knn: every noise image below
+    the median digit."""
     weights = digits_run / "model.safetensors"
     digits, err = _classify(runner, weights, [sets / "digits"], "--reject-score", score)
     assert f"{score} score <" in err
@@ -156,6 +216,8 @@ def test_each_score_ranks_digits_above_what_it_is_for(digits_run, sets, runner, 
     o = [r["score"] for r in out]
     if score == "confidence":
         assert np.median(d) > np.median(o)
+    elif score == "knn":  # the typical digit above every noise image, though not all noise falls below 1%
+        assert np.median(d) > np.max(o)
     else:
         assert np.median(d) > np.max(o) and all(r["rejected"] for r in out), (d, o)
     again, _ = _classify(runner, weights, [sets / "digits"], "--reject-score", score)

@@ -10,7 +10,8 @@ Metadata keys (all JSON strings except `format` and `version`):
   preprocess   how image files are turned into inputs (channels, size, value range)
   metrics      final evaluation numbers
   labelled_indices  training images whose labels were used
-  reject       the `classify --reject` calibration: threshold, rate, samples, sorted held-out scores
+  reject       the `classify --reject` calibration: threshold, rate, samples, sorted held-out scores (the
+               held-out images' features for its knn score are the tensor `reject.reference`)
   runtime      device, precision and process count of the training run
   head         the classifier stage's last loss
   created      UTC timestamp
@@ -119,14 +120,21 @@ SCHEMA_TEXT = {"model": "a model name", "recipe": "a mapping", "classes": "a lis
                "reject": "a threshold, a rate and held-out scores", "runtime": "a mapping", "head": "a mapping"}
 
 
+# Tensors beside the weights that are not the model's: the --reject calibration's held-out features
+REJECT_REFERENCE = "reject.reference"
+
+
 def save(path: str | Path, model, *, classes: list[str], preprocess: dict, metrics: dict,
-         recipe: dict, extra: dict[str, Any] | None = None) -> None:
-    """Write model weights and metadata atomically (temp file in the same folder, then rename)."""
+         recipe: dict, extra: dict[str, Any] | None = None, reference=None) -> None:
+    """Write model weights and metadata atomically (temp file in the same folder, then rename); `reference`:
+    the --reject calibration's held-out features, stored as the tensor `reject.reference`."""
     from safetensors.torch import save_file
 
     from vae_cli.core.fsutil import write_with
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if reference is not None:
+        tensors[REJECT_REFERENCE] = reference.detach().to("cpu").contiguous().clone()
     meta = {"format": FORMAT, "version": __version__, "model": model.registry_name,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     values = {"recipe": recipe, "classes": classes, "image_shape": list(model.image_shape),
@@ -152,6 +160,8 @@ def load(path: str | Path, device: str | Any = "cpu"):
     model = build_model(recipe.model, tuple(meta["image_shape"]), len(meta["classes"]))
     try:
         state = load_file(str(path), device="cpu")
+        if REJECT_REFERENCE in state:
+            meta["reject_reference"] = state.pop(REJECT_REFERENCE).float()
         model.load_state_dict(state, strict=True)
     except Exception as e:  # size mismatches, missing tensors, damaged data
         raise CheckpointError(f"weights in '{path}' do not fit model '{meta['model']}' "

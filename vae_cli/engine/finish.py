@@ -101,13 +101,14 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
     if not d.is_main:
         return result
     rejection = calibrate_rejection(model, data, recipe, rt)
+    reference = rejection.pop("reference", None) if rejection is not None else None
     if rejection is not None:
         result.reject = {k: v for k, v in rejection.items() if k not in ("holdout_scores", "components")}
     checkpoint.save(run.weights, model, classes=data.classes, preprocess=preprocess_of(data),
                     metrics=summary, recipe=recipe.to_dict(),
                     extra={"labelled_indices": data.labelled.tolist(), "runtime": {
                         "device": rt.device.type, "precision": rt.precision, "processes": d.world}, "head": head,
-                        "reject": rejection})
+                        "reject": rejection}, reference=reference)
     from vae_cli.artifacts import report
 
     facts = report.run_facts({"path": str(run.weights), "metrics": summary, "reject": rejection,

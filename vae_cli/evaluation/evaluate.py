@@ -43,6 +43,13 @@ def energy(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
     return torch.cat(out) if out else torch.empty(0)
 
 
+def features(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
+    """`Model.ood_features` per image: what the knn reject score compares."""
+    model.eval()
+    out = _batched(model.ood_features, x, runtime, batch_size)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
 def upright(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor | None:
     """log p(upright | x) from the model's rotation head, or None when it has none."""
     if not model.has_rotation_head:

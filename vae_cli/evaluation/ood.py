@@ -39,7 +39,7 @@ def ood_report(model, meta: dict, in_x: Tensor, sets: dict[str, list[Path]], rt,
     thresholds = {n: reject.threshold_of(cal, n, g.rate) for n in names}
 
     def scored(x: Tensor, s: int) -> dict[str, Tensor]:
-        base = reject.base_values(reject.measure(model, x, rt, g.samples, s, progress=progress))
+        base = reject.base_values(reject.measure(model, x, rt, g.samples, s, progress=progress, reference=g.reference))
         return {n: reject.values(n, base, held) for n in names}
 
     inside = scored(in_x, seed)

@@ -21,10 +21,15 @@ little detail is cheap to encode whatever its content. The scores:
   rotation     log p(upright | x) from a head trained, beside the model, to tell which of four quarter turns
                an image was given (`model.rotation` > 0; Hendrycks et al. 2019, "Using self-supervised
                learning can improve model robustness and uncertainty"). Only models with that head have it.
+  knn          the cosine similarity of the image's features (the classifier's trunk in M2) to its k-th nearest
+               neighbour among the held-out training images' (Sun et al. 2022, "Out-of-distribution detection
+               with deep nearest neighbors"): no assumption on the features' distribution, where a Gaussian
+               (Mahalanobis) fit was at chance on colour-inverted CIFAR-10. The held-out features travel in the
+               weights file (`reject.reference`); the held-out images' own values leave themselves out.
   combined     likelihood and complexity (two-sided: too typical-looking is as suspect as too unusual; both
                read log p(x), so they count as one p-value, Bonferroni's twice the smaller), energy
-               (confidence in files calibrated before it existed) and, where the model has it,
-               rotation (lower tail), joined by Fisher's method
+               (confidence in files calibrated before it existed), knn (files calibrated since it exists) and,
+               where the model has it, rotation (lower tail), joined by Fisher's method
                (Fisher 1925): each turned into its p-value among the held-out training images, then
                2 * sum(log p). An image is rejected when it is unusual for any view, weighted by how unusual.
 
@@ -48,7 +53,7 @@ from vae_cli.core.errors import CheckpointError, UsageError
 from vae_cli.core.registry import Registry
 from vae_cli.evaluation import metrics
 from vae_cli.evaluation.catalog import LEGACY_NAMES
-from vae_cli.evaluation.evaluate import energy, log_likelihood, predict, upright
+from vae_cli.evaluation.evaluate import energy, features, log_likelihood, predict, upright
 
 # Test images scored at the end of training to report the false-reject rate on new data.
 TEST_CHECK_IMAGES = 2000
@@ -57,15 +62,19 @@ TEST_CHECK_IMAGES = 2000
 @dataclass(frozen=True)
 class Score:
     help: str
-    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence, energy, upright
+    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence, energy, upright, knn
     # a base score: per-image values from the measurements; a derived one: from the base scores' values
     # and their sorted held-out values
     compute: Callable[[dict[str, Tensor]], Tensor] | None = None
     combine: Callable[[dict[str, Tensor], dict[str, list[float]], bool], Tensor] | None = None
+    bases: tuple[str, ...] = ()  # a derived score: the base scores it combines (newer names, optional ones)
 
 
 SCORES: Registry[Score] = Registry("reject score", "train.reject_score")
-OPTIONAL = ("rotation",)  # base scores only some models have (their held-out values then are not stored)
+# base scores only some files have (a model with a rotation head; a calibration that stored the held-out
+# features): a combination joins them where their held-out values are stored
+OPTIONAL = ("rotation", "knn")
+KNN_K = 20  # neighbours (fewer with under 2,000 held-out images: k = n / 100, at least 1)
 # base scores that weights files calibrated by older versions lack, with what a combination uses instead there
 NEWER = {"energy": "confidence"}
 
@@ -169,20 +178,42 @@ SCORES.add("energy", Score("logsumexp of the class logits, negative free energy 
                            compute=lambda p: p["energy"]))
 SCORES.add("rotation", Score("log p(upright|x), self-supervised rotation head (Hendrycks et al. 2019); "
                              "models trained with model.rotation > 0", ("upright",), compute=lambda p: p["upright"]))
-SCORES.add("combined", Score("likelihood and complexity (two-sided, one Bonferroni p-value) + energy + rotation "
-                             "where the model has it, Fisher's method on held-out p-values",
-                             ("log_px", "png_bits", "confidence", "energy", "upright"),
+SCORES.add("knn", Score("cosine similarity to the k-th nearest held-out image in feature space (Sun et al. 2022)",
+                        ("knn",), compute=lambda p: p["knn"]))
+SCORES.add("combined", Score("likelihood and complexity (two-sided, one Bonferroni p-value) + energy + knn + "
+                             "rotation where the model has it, Fisher's method on held-out p-values",
+                             ("log_px", "png_bits", "confidence", "energy", "knn", "upright"),
                              combine=fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower"),
-                                             ("rotation", "lower")), optional=OPTIONAL, older=NEWER)))
+                                             ("knn", "lower"), ("rotation", "lower")), optional=OPTIONAL, older=NEWER),
+                             bases=("likelihood", "complexity", "energy", "knn", "rotation")))
 # the scores whose held-out values are stored
-BASE = ("likelihood", "complexity", "confidence", "energy", "rotation")
+BASE = ("likelihood", "complexity", "confidence", "energy", "knn", "rotation")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The held-out images' unit-length features, for the knn score, and its k."""
+
+    features: Tensor
+    k: int
+
+
+def knn_similarity(f: Tensor, ref: Reference, leave_self_out: bool = False) -> Tensor:
+    """Cosine similarity of each row of `f` to its k-th most similar row of the reference (Sun et al. 2022);
+    `leave_self_out`: f is the reference itself, so each row's own match is skipped."""
+    f = torch.nn.functional.normalize(f.float(), dim=1)
+    k = ref.k + (1 if leave_self_out else 0)
+    return torch.cat([(fb @ ref.features.T).topk(k, dim=1).values[:, -1] for fb in f.split(1024)]).double()
 
 
 def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(
-        ("log_px", "png_bits", "confidence", "energy", "upright")), progress=None) -> dict[str, Tensor]:
+        ("log_px", "png_bits", "confidence", "energy", "knn", "upright")), progress=None,
+        reference: Reference | None = None) -> dict[str, Tensor]:
     """The per-image measurements the scores read (float64, on the CPU); `upright` only from a model with a
-    rotation head."""
+    rotation head, `knn` only against a `reference`."""
     out = {}
+    if "knn" in parts and reference is not None:
+        out["knn"] = knn_similarity(features(model, x, rt), reference)
     if "upright" in parts and (up := upright(model, x, rt)) is not None:
         out["upright"] = up.double()
     if "png_bits" in parts:
@@ -196,8 +227,15 @@ def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | fro
     return out
 
 
-def needs(name: str) -> set[str]:
-    return set(SCORES.get(name).parts)
+def needs(name: str, held: dict[str, list[float]] | None = None) -> set[str]:
+    """The measurements a score reads. With a file's calibration (`held`), a derived score reads only those of
+    the bases that file combines: energy or, in older files, confidence; rotation where the model has it. Each
+    classifier score costs a trunk pass (two with test-time flips), so `classify --reject` skips the unused."""
+    s = SCORES.get(name)
+    if held is None or not s.bases:
+        return set(s.parts)
+    used = {NEWER[n] if n in NEWER and n not in held else n for n in s.bases}
+    return {part for n in used if n not in OPTIONAL or n in held for part in SCORES.get(n).parts}
 
 
 def base_values(parts: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -229,6 +267,9 @@ def held_out_values(cal: dict, name: str) -> Tensor:
     if name in held:
         return torch.tensor(held[name], dtype=torch.float64)
     comps = cal.get("components") or {}
+    if name == "knn":
+        raise CheckpointError(f"this weights file was calibrated before the knn score existed (it has: "
+                              f"{', '.join(sorted(held))}); retrain it with this version to calibrate every score")
     if name in OPTIONAL:
         raise CheckpointError(f"this model has no {name} head for --reject-score {name} (train it with "
                               f"model.{name} > 0, e.g. 5000 on photos); it has: {', '.join(sorted(held))}")
@@ -253,13 +294,22 @@ def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: floa
     sorted held-out values, and the share of (the first 2,000) test images each score would reject."""
     if holdout_x is None or len(holdout_x) == 0:
         return None
-    held = base_values(measure(model, holdout_x, rt, samples, seed))
+    feats = features(model, holdout_x, rt)
+    ref = Reference(torch.nn.functional.normalize(feats, dim=1), max(1, min(KNN_K, len(holdout_x) // 100)))
+    if len(holdout_x) <= ref.k:  # too few to leave one out and still find k neighbours
+        ref = None
+    parts = measure(model, holdout_x, rt, samples, seed, {"log_px", "png_bits", "confidence", "energy", "upright"})
+    if ref is not None:
+        parts["knn"] = knn_similarity(feats, ref, leave_self_out=True)
+    held = base_values(parts)
     cal = {"score": default, "samples": samples, "rate": rate, "holdout_images": len(holdout_x),
            "components": {n: [float(f"{v:.7g}") for v in t.tolist()] for n, t in held.items()}}
+    if ref is not None:
+        cal["knn_k"] = ref.k
     # a seeded random subset: folder datasets list the test images class by class, so the first 2,000
     # would be one or two classes (measured: 3.0% false rejects on those against 1.1% on a random 3,000)
     pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed))[:TEST_CHECK_IMAGES]
-    test = base_values(measure(model, test_x[pick], rt, samples, seed + 1))
+    test = base_values(measure(model, test_x[pick], rt, samples, seed + 1, reference=ref))
     sorted_held = held_sorted(cal)
     cal["test_reject_rates"] = {
         n: float((values(n, test, sorted_held) < threshold_of(cal, n, rate)).double().mean()) if len(test_x) else None
@@ -267,6 +317,8 @@ def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: floa
     cal["threshold"] = threshold_of(cal, default, rate)
     cal["holdout_scores"] = sorted(held_out_values(cal, default).tolist())
     cal["test_reject_rate"] = cal["test_reject_rates"][default]
+    if ref is not None:  # a tensor for the weights file, not metadata (finish.py moves it there)
+        cal["reference"] = ref.features.float().contiguous()
     return cal
 
 
@@ -279,9 +331,10 @@ class Gate:
     rate: float
     samples: int
     held: dict[str, list[float]]
+    reference: Reference | None = None
 
     def scores(self, model, x: Tensor, rt, seed: int) -> Tensor:
-        parts = measure(model, x, rt, self.samples, seed, needs(self.name))  # a derived score lists its bases' parts
+        parts = measure(model, x, rt, self.samples, seed, needs(self.name, self.held), reference=self.reference)
         return values(self.name, base_values(parts), self.held)
 
 
@@ -302,4 +355,9 @@ def gate(meta: dict, rate: float | None = None, score: str | None = None) -> Gat
         threshold = cal["threshold"]  # an older file: its stored threshold
     else:  # rebuilt from the held-out values, so it always matches this version's definition of the score
         threshold = threshold_of(cal, name, rate)
-    return Gate(name, threshold, rate, cal["samples"], held_sorted(cal))
+    ref = meta.get("reject_reference")
+    reference = Reference(ref, int(cal["knn_k"])) if ref is not None and "knn_k" in cal else None
+    if reference is None and "knn" in (cal.get("components") or {}):
+        raise CheckpointError("this weights file's --reject calibration lacks the held-out features its knn score "
+                              "compares with (tensor 'reject.reference'); the file is damaged: restore it or retrain")
+    return Gate(name, threshold, rate, cal["samples"], held_sorted(cal), reference)

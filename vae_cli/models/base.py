@@ -100,6 +100,18 @@ class Model(nn.Module):
             e = (e + torch.logsumexp(self.predict_logits(x.flip(-1)).float(), 1)) / 2
         return e
 
+    def features(self, x: Tensor) -> Tensor:
+        """(B, D) the representation the `knn` reject score compares images in (default: the latent means;
+        M2: its classifier's trunk)."""
+        return self.latent_means(x)
+
+    def ood_features(self, x: Tensor) -> Tensor:
+        """`features`, averaged with the mirror image's under `model.test_flip`, as `class_probs` is."""
+        f = self.features(x).float()
+        if self.cfg.test_flip and x.ndim == 4:
+            f = (f + self.features(x.flip(-1)).float()) / 2
+        return f
+
     @property
     def has_rotation_head(self) -> bool:
         """Whether `upright_logp` has a head to answer from (only M2 on images with `model.rotation` > 0)."""

@@ -185,6 +185,10 @@ class M2(Model):
     def predict_logits(self, x: Tensor) -> Tensor:
         return self.class_logits(self.trunk(x))
 
+    def features(self, x: Tensor) -> Tensor:
+        """The trunk's pooled features, which the classifier, the rotation head and q(z|x,y) all read."""
+        return self.trunk(x)
+
     def upright_logp(self, x: Tensor) -> Tensor | None:
         """sum over the turns k of log p(turn k | x turned by k), from the rotation head: how well the image's
         turned copies are told apart, which needs it to look the right way up first (the score of Hendrycks
