@@ -101,8 +101,9 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
     if not d.is_main:
         return result
     rejection = calibrate_rejection(model, data, recipe, rt)
-    reference = rejection.pop("reference", None) if rejection is not None else None
+    reference = None
     if rejection is not None:
+        reference = rejection.pop("reference", None)  # the knn score's held-out features: a tensor, not JSON
         result.reject = {k: v for k, v in rejection.items() if k not in ("holdout_scores", "components")}
     checkpoint.save(run.weights, model, classes=data.classes, preprocess=preprocess_of(data),
                     metrics=summary, recipe=recipe.to_dict(),

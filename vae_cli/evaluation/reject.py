@@ -71,9 +71,12 @@ class Score:
 
 
 SCORES: Registry[Score] = Registry("reject score", "train.reject_score")
-# base scores only some files have (a model with a rotation head; a calibration that stored the held-out
-# features): a combination joins them where their held-out values are stored
-OPTIONAL = ("rotation", "knn")
+# base scores only some files have, with why one lacks it: a combination joins them where their held-out
+# values are stored
+OPTIONAL = {"rotation": "this model has no rotation head for --reject-score rotation (train it with "
+                        "model.rotation > 0, e.g. 5000 on photos)",
+            "knn": "this weights file was calibrated before the knn score existed; retrain it with this version "
+                   "to calibrate every score"}
 KNN_K = 20  # neighbours (fewer with under 2,000 held-out images: k = n / 100, at least 1)
 # base scores that weights files calibrated by older versions lack, with what a combination uses instead there
 NEWER = {"energy": "confidence"}
@@ -267,12 +270,8 @@ def held_out_values(cal: dict, name: str) -> Tensor:
     if name in held:
         return torch.tensor(held[name], dtype=torch.float64)
     comps = cal.get("components") or {}
-    if name == "knn":
-        raise CheckpointError(f"this weights file was calibrated before the knn score existed (it has: "
-                              f"{', '.join(sorted(held))}); retrain it with this version to calibrate every score")
     if name in OPTIONAL:
-        raise CheckpointError(f"this model has no {name} head for --reject-score {name} (train it with "
-                              f"model.{name} > 0, e.g. 5000 on photos); it has: {', '.join(sorted(held))}")
+        raise CheckpointError(f"{OPTIONAL[name]}; it has: {', '.join(sorted(held))}")
     if name in NEWER and comps:
         raise CheckpointError(f"this weights file was calibrated before the {name} score existed (it has: "
                               f"{', '.join(sorted(held))}); retrain it with this version to calibrate every score")

@@ -85,20 +85,21 @@ class Model(nn.Module):
     def class_probs(self, x: Tensor) -> Tensor:
         """What every command predicts with: `predict_proba`, averaged with the mirror image's when the
         recipe asks (`model.test_flip`; a model trained on random flips gives both views a vote)."""
-        p = self.predict_proba(x)
+        return self._with_mirror(self.predict_proba, x)
+
+    def _with_mirror(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """fn(x) in float32, averaged with fn of the mirror image under `model.test_flip` (images only)."""
+        out = fn(x).float()
         if self.cfg.test_flip and x.ndim == 4:
-            p = (p + self.predict_proba(x.flip(-1))) / 2
-        return p
+            out = (out + fn(x.flip(-1)).float()) / 2
+        return out
 
     def energy(self, x: Tensor) -> Tensor:
         """(B,) logsumexp of the class logits, the negative free energy of Liu et al. 2020 ("Energy-based
         out-of-distribution detection"): higher for inputs like the training data. Unlike the maximum softmax
         probability it keeps the logits' scale, which an unfamiliar input tends to shrink. Averaged with the
         mirror image's under `model.test_flip`, as `class_probs` is."""
-        e = torch.logsumexp(self.predict_logits(x).float(), 1)
-        if self.cfg.test_flip and x.ndim == 4:
-            e = (e + torch.logsumexp(self.predict_logits(x.flip(-1)).float(), 1)) / 2
-        return e
+        return self._with_mirror(lambda v: torch.logsumexp(self.predict_logits(v).float(), 1), x)
 
     def features(self, x: Tensor) -> Tensor:
         """(B, D) the representation the `knn` reject score compares images in (default: the latent means;
@@ -107,10 +108,7 @@ class Model(nn.Module):
 
     def ood_features(self, x: Tensor) -> Tensor:
         """`features`, averaged with the mirror image's under `model.test_flip`, as `class_probs` is."""
-        f = self.features(x).float()
-        if self.cfg.test_flip and x.ndim == 4:
-            f = (f + self.features(x.flip(-1)).float()) / 2
-        return f
+        return self._with_mirror(self.features, x)
 
     @property
     def has_rotation_head(self) -> bool:
