@@ -152,6 +152,23 @@ def test_files_calibrated_before_knn_keep_their_combination(digits_run):
         reject.gate(meta)  # read_metadata does not load tensors: the features are missing
 
 
+def test_knn_needs_two_held_out_images_and_says_so_before_training():
+    """k is n/100 (1 to 20) and needs one held-out image more than k; a recipe whose default is knn on a split
+    too small for it is refused before training with the key to change, not after it as a damaged file."""
+    from vae_cli.core.recipe import ModelConfig
+    from vae_cli.models import build_model
+
+    assert [reject.knn_k(n) for n in (1, 2, 150, 999, 2500, 10**6)] == [None, 1, 1, 9, 20, 20]
+    model = build_model(ModelConfig(name="vae", width=8, hidden=16, latent_dim=2), (1, 8, 8), 3)
+    why = reject.unavailable("knn", model, 1)
+    assert why is not None and "data.holdout_fraction" in why and "\n" not in why
+    assert reject.unavailable("knn", model, 2) is None and reject.unavailable("combined", model, 1) is None
+    assert "model.rotation" in reject.unavailable("rotation", model, 100)
+    with pytest.raises(CheckpointError, match="fewer than 2 held-out images"):
+        reject.held_out_values({"components": {n: [0.0] for n in ("likelihood", "complexity", "confidence",
+                                                                  "energy")}}, "knn")
+
+
 def test_knn_is_the_kth_nearest_held_out_similarity():
     """By hand on unit vectors: the k-th largest cosine similarity, the image's own match left out in-sample."""
     ref = reject.Reference(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), k=2)

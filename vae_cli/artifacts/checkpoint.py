@@ -143,6 +143,25 @@ def save(path: str | Path, model, *, classes: list[str], preprocess: dict, metri
     write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+def replace_calibration(path: str | Path, out: str | Path, calibration: dict, reference=None) -> None:
+    """Write `path` to `out` (atomically; the same path rewrites it in place) with a new `--reject`
+    calibration and knn features; every model tensor and every other metadata key is copied unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vae_cli.core.fsutil import write_with
+
+    read_metadata(path)  # a vae weights file, or one clear error
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    tensors.pop(REJECT_REFERENCE, None)
+    if reference is not None:
+        tensors[REJECT_REFERENCE] = reference.detach().to("cpu").contiguous().clone()
+    meta["reject"] = json.dumps(calibration)
+    write_with(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
 def load(path: str | Path, device: str | Any = "cpu"):
     """Rebuild the model from the weights file alone. Returns (model in eval mode, metadata)."""
     import torch

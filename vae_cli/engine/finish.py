@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vae_cli.artifacts import checkpoint
 from vae_cli.artifacts.rundir import RunDir
@@ -34,8 +35,9 @@ def preprocess_of(data: Dataset) -> dict:
             "binarize": data.levels == 2}
 
 
-def calibrate_rejection(model, data: Dataset, recipe: Recipe, rt: Runtime) -> dict | None:
-    """The `classify --reject` calibration on the held-out training images (see evaluation/reject.py)."""
+def calibrate_rejection(model, data: Dataset, recipe: Recipe, rt: Runtime) -> tuple[dict, Tensor | None] | None:
+    """The `classify --reject` calibration on the held-out training images and the knn score's held-out
+    features (see evaluation/reject.py)."""
     tc = recipe.train
     return reject.calibrate(model, data.holdout_x, data.test_x, rt, rate=tc.reject_rate, samples=tc.reject_samples,
                             seed=recipe.seed + 2, default=tc.reject_score)
@@ -100,10 +102,8 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
                          round(seconds, 2), metrics, cpu=cpu_budget().as_dict())
     if not d.is_main:
         return result
-    rejection = calibrate_rejection(model, data, recipe, rt)
-    reference = None
+    rejection, reference = calibrate_rejection(model, data, recipe, rt) or (None, None)
     if rejection is not None:
-        reference = rejection.pop("reference", None)  # the knn score's held-out features: a tensor, not JSON
         result.reject = {k: v for k, v in rejection.items() if k not in ("holdout_scores", "components")}
     checkpoint.save(run.weights, model, classes=data.classes, preprocess=preprocess_of(data),
                     metrics=summary, recipe=recipe.to_dict(),

@@ -26,6 +26,7 @@ from vae_cli.engine.loop import Loop
 from vae_cli.engine.runlock import RunLock
 from vae_cli.engine.trackers import Trackers
 from vae_cli.engine.trackers import require as trackers_require
+from vae_cli.evaluation import reject
 from vae_cli.models import build_model
 
 
@@ -58,10 +59,9 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
         run.remove_stale_temp_files()
     data = build_dataset(recipe.data, recipe.seed)
     model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
-    if recipe.train.reject_score == "rotation" and not model.has_rotation_head:
-        raise RecipeError(f"train.reject_score=rotation needs a rotation head, which '{recipe.model.name}' with "
-                          f"model.rotation={recipe.model.rotation:g} has not: set model.rotation > 0 (M2 on "
-                          "images, e.g. 5000) or pick another train.reject_score")
+    held = 0 if data.holdout_x is None else len(data.holdout_x)
+    if (why := reject.unavailable(recipe.train.reject_score, model, held)) is not None:
+        raise RecipeError(why)
     if d.enabled:
         torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
     loop = Loop(model, data, recipe, rt, run, reporter, d)

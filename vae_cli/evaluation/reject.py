@@ -75,8 +75,9 @@ SCORES: Registry[Score] = Registry("reject score", "train.reject_score")
 # values are stored
 OPTIONAL = {"rotation": "this model has no rotation head for --reject-score rotation (train it with "
                         "model.rotation > 0, e.g. 5000 on photos)",
-            "knn": "this weights file was calibrated before the knn score existed; retrain it with this version "
-                   "to calibrate every score"}
+            "knn": "this weights file has no knn calibration (it was calibrated before the knn score existed, or "
+                   "with fewer than 2 held-out images); `vae calibrate FILE` measures every score of this version "
+                   "without retraining"}
 KNN_K = 20  # neighbours (fewer with under 2,000 held-out images: k = n / 100, at least 1)
 # base scores that weights files calibrated by older versions lack, with what a combination uses instead there
 NEWER = {"energy": "confidence"}
@@ -274,10 +275,12 @@ def held_out_values(cal: dict, name: str) -> Tensor:
         raise CheckpointError(f"{OPTIONAL[name]}; it has: {', '.join(sorted(held))}")
     if name in NEWER and comps:
         raise CheckpointError(f"this weights file was calibrated before the {name} score existed (it has: "
-                              f"{', '.join(sorted(held))}); retrain it with this version to calibrate every score")
+                              f"{', '.join(sorted(held))}); `vae calibrate FILE` measures every score of this version "
+                              "without retraining")
     if not set(BASE) - set(OPTIONAL) - set(NEWER) <= set(comps):
         raise CheckpointError(f"this weights file has no held-out values for --reject-score {name} (it has: "
-                              f"{', '.join(sorted(held))}); retrain it with this version to calibrate every score")
+                              f"{', '.join(sorted(held))}); `vae calibrate FILE` measures every score of this version "
+                              "without retraining")
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in comps.items()}
     return values(name, base, held, in_sample=True)
 
@@ -286,17 +289,39 @@ def threshold_of(cal: dict, name: str, rate: float) -> float:
     return metrics.rejection_threshold(held_out_values(cal, name), rate)
 
 
+def knn_k(holdout_images: int) -> int | None:
+    """The knn score's k for a held-out split of this size; None when it is too small to leave an image out
+    and still find k neighbours."""
+    k = max(1, min(KNN_K, holdout_images // 100))
+    return k if holdout_images > k else None
+
+
+def unavailable(score: str, model, holdout_images: int) -> str | None:
+    """Why a model trained with this many held-out images could not be calibrated for `score` (one line with
+    the fix), or None. Checked before training, so a run does not fail after its last epoch."""
+    if score == "rotation" and not model.has_rotation_head:
+        return (f"train.reject_score=rotation needs a rotation head, which '{model.cfg.name}' with "
+                f"model.rotation={model.cfg.rotation:g} has not: set model.rotation > 0 (M2 on images, e.g. 5000) "
+                "or pick another train.reject_score")
+    if score == "knn" and holdout_images and knn_k(holdout_images) is None:
+        return (f"train.reject_score=knn compares an image with its nearest held-out neighbours, and this split "
+                f"holds out {holdout_images} image(s): raise data.holdout_fraction (at least 2 held-out images) "
+                "or pick another train.reject_score")
+    return None
+
+
 def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: float, samples: int, seed: int,
-              default: str) -> dict | None:
+              default: str) -> tuple[dict, Tensor | None] | None:
     """The `--reject` calibration stored in a weights file: every base score on each held-out image (in
     the same order, so derived scores can be rebuilt), the default score's threshold at `rate` and its
-    sorted held-out values, and the share of (the first 2,000) test images each score would reject."""
+    sorted held-out values, and the share of (the first 2,000) test images each score would reject; beside
+    it, the held-out images' unit-length features for the knn score (a tensor for the weights file, not
+    metadata; None when the split is too small for it)."""
     if holdout_x is None or len(holdout_x) == 0:
         return None
     feats = features(model, holdout_x, rt)
-    ref = Reference(torch.nn.functional.normalize(feats, dim=1), max(1, min(KNN_K, len(holdout_x) // 100)))
-    if len(holdout_x) <= ref.k:  # too few to leave one out and still find k neighbours
-        ref = None
+    k = knn_k(len(holdout_x))
+    ref = Reference(torch.nn.functional.normalize(feats, dim=1), k) if k is not None else None
     parts = measure(model, holdout_x, rt, samples, seed, {"log_px", "png_bits", "confidence", "energy", "upright"})
     if ref is not None:
         parts["knn"] = knn_similarity(feats, ref, leave_self_out=True)
@@ -316,9 +341,7 @@ def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: floa
     cal["threshold"] = threshold_of(cal, default, rate)
     cal["holdout_scores"] = sorted(held_out_values(cal, default).tolist())
     cal["test_reject_rate"] = cal["test_reject_rates"][default]
-    if ref is not None:  # a tensor for the weights file, not metadata (finish.py moves it there)
-        cal["reference"] = ref.features.float().contiguous()
-    return cal
+    return cal, (ref.features.float().contiguous() if ref is not None else None)
 
 
 @dataclass(frozen=True)
@@ -358,5 +381,6 @@ def gate(meta: dict, rate: float | None = None, score: str | None = None) -> Gat
     reference = Reference(ref, int(cal["knn_k"])) if ref is not None and "knn_k" in cal else None
     if reference is None and "knn" in (cal.get("components") or {}):
         raise CheckpointError("this weights file's --reject calibration lacks the held-out features its knn score "
-                              "compares with (tensor 'reject.reference'); the file is damaged: restore it or retrain")
+                              "compares with (tensor 'reject.reference'); the file is damaged: restore it, or "
+                              "`vae calibrate FILE` to measure it again")
     return Gate(name, threshold, rate, cal["samples"], held_sorted(cal), reference)
