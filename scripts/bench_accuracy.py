@@ -68,8 +68,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--skip-full", action="store_true", help="skip the all-labels run")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = ap.parse_args()
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run (anywhere on the line)")
+    # key=value words are overrides wherever they stand: after `--seeds 0 1` argparse would read them as seeds
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = ap.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     data_root = mnist_root(args.mnist, args.out)
     few = [train("recipes/mnist-100-labels.yaml", s, data_root, args.out, args.overrides) for s in args.seeds]
     lines = [summary(few)]

@@ -49,8 +49,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--full", action="store_true", help="also train recipes/cifar10.yaml (all labels)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = ap.parse_args()
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run (anywhere on the line)")
+    # key=value words are overrides wherever they stand: after `--seeds 0 1` argparse would read them as seeds
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = ap.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     root = cifar_root(args.data, args.out)
     few = [train("recipes/cifar10-4000-labels.yaml", s, root, args.out, args.overrides) for s in args.seeds]
     lines = [summary(few)]
