@@ -26,10 +26,19 @@ def _older(src, dst):
     checkpoint.replace_calibration(src, dst, cal, None)
 
 
+def _scores_row(runner, path) -> str:
+    """The scores `vae info` lists for a weights file."""
+    res = runner.invoke(app, ["info", str(path)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.stdout.splitlines() if line.startswith("--reject scores"))
+    return row.removeprefix("--reject scores").strip()
+
+
 def test_an_older_file_gains_knn_and_keeps_its_weights(digits_run, tmp_path, runner):
     old = tmp_path / "old.safetensors"
     _older(digits_run / "model.safetensors", old)
     assert "reject.reference" not in load_file(str(old))
+    assert _scores_row(runner, old) == "complexity, confidence, energy, likelihood"
     before = load_file(str(old))
     meta_before = checkpoint.read_metadata(old)
     res = runner.invoke(app, ["calibrate", str(old), "--reject-rate", "0.05", "--reject-score", "knn", "--json",
@@ -43,6 +52,7 @@ def test_an_older_file_gains_knn_and_keeps_its_weights(digits_run, tmp_path, run
     meta = checkpoint.read_metadata(old)
     assert {k: v for k, v in meta.items() if k != "reject"} == {k: v for k, v in meta_before.items() if k != "reject"}
     assert "knn" in meta["reject"]["components"]
+    assert _scores_row(runner, old) == "complexity, confidence, energy, knn, likelihood"
     # likelihood and complexity are measured with the same seeds as at training: the same held-out values
     for n in ("likelihood", "complexity"):
         assert meta["reject"]["components"][n] == pytest.approx(meta_before["reject"]["components"][n], rel=1e-5)

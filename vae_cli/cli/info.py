@@ -72,4 +72,6 @@ def info(
     rej = meta.get("reject")
     if rej:
         rows.append(("--reject threshold", describe_reject(rej)))
+        if rej.get("components"):  # which scores `--reject-score` can pick (`vae calibrate` renews them)
+            rows.append(("--reject scores", ", ".join(sorted(rej["components"]))))
     show.table(None, rows)
