@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tests.imagegen import photo_folder
 from vae_cli.cli import app
 from vae_cli.core.recipe import ModelConfig
-from vae_cli.data.augment import strong
+from vae_cli.data.augment import crop_shift, strong
 from vae_cli.models import build_model, losses
 
 from .conftest import ROOT
@@ -29,7 +29,7 @@ PHOTO = ["data.name=folder", "data.image_size=16", "data.channels=3", "data.labe
          "model.hidden=64", "model.latent_dim=8", "model.likelihood=logistic", "model.head_hidden=0",
          "model.alpha=3000", "model.consistency=3000", "model.threshold=0.8", "model.align=true",
          "model.unlabelled_elbo_images=16", "train.batch_size=32", "train.labelled_batch_size=16",
-         "train.ema=0.9", "train.augment_shift=1", "train.augment_flip=true", "train.kl_warmup_epochs=1",
+         "train.ema=0.9", "train.augment_shift=1", "train.augment_flip=true", "train.augment_crop=true", "train.kl_warmup_epochs=1",
          "train.head_steps=0", "train.reject_samples=4", "train.latent_map=pca", "train.num_samples=16"]
 
 
@@ -67,6 +67,32 @@ def test_colour_strong_view_is_per_image_and_seeded():
     assert torch.equal(a, b)  # the run's RNG decides everything: resume sees the same views
     assert len({round(v, 5) for v in a.flatten(1).sum(1).tolist()}) > 8  # each copy augmented its own way
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_crop_shift_moves_by_whole_pixels_with_mirrored_borders():
+    x = torch.rand(1, 3, 12, 12).repeat(64, 1, 1, 1)
+    torch.manual_seed(5)
+    out = crop_shift(x, 2, flip=True)
+    torch.manual_seed(5)
+    assert torch.equal(out, crop_shift(x, 2, flip=True))  # seeded by the run's RNG
+    padded = torch.nn.functional.pad(x[:1], (2, 2, 2, 2), mode="reflect")[0]
+    windows = {(dy, dx, m) for dy in range(5) for dx in range(5) for m in (False, True)}
+    seen = set()
+    for img in out:  # each image is one window of the mirrored pad, maybe mirrored: no blur, no zero border
+        match = [(dy, dx, m) for dy, dx, m in windows
+                 if torch.equal(img, (lambda w: w.flip(2) if m else w)(padded[:, dy:dy + 12, dx:dx + 12]))]
+        assert match, "not a whole-pixel shift of the input"
+        seen.add(match[0])
+    assert len(seen) > 10  # images draw their own shift and flip
+    assert torch.equal(crop_shift(x, 0), x)
+
+
+def test_recipe_refuses_crop_with_rotation():
+    from vae_cli.core.recipe import RecipeError, from_dict
+
+    with pytest.raises(RecipeError, match="augment_rotate=0"):
+        from_dict({"train": {"augment_crop": True, "augment_rotate": 10}})
+    assert from_dict({"train": {"augment_crop": True, "augment_shift": 2}}).train.augment_crop
 
 
 def test_alignment_divides_by_the_running_class_mean():

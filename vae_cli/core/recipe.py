@@ -120,6 +120,9 @@ class TrainConfig:
     augment_shift: float = key(0.0, "random shift of up to this many pixels (0: off)", min=0.0)
     augment_rotate: float = key(0.0, "random rotation of up to this many degrees (0: off)", min=0.0, max=180.0)
     augment_flip: bool = key(False, "random horizontal flips (for colour photos, not digits)")
+    augment_crop: bool = key(False, "shift by whole pixels with mirrored borders (a random crop) instead of "
+                                    "sub-pixel shifts with zero borders, which blur every training image; "
+                                    "only without augment_rotate")
     lr: float = key(2e-3, "AdamW learning rate (cosine decay to 5% of it)", min=0.0, exclusive_min=True)
     weight_decay: float = key(0.0, "AdamW weight decay", min=0.0)
     kl_warmup_epochs: int = key(5, "epochs over which the KL weight ramps linearly from 0 to beta", min=0)
@@ -302,6 +305,9 @@ def from_dict(raw: Any) -> Recipe:
     if m.width != ModelConfig.width and not any(nets.get(n).uses_width for n in {m.backbone, m.decoder or m.backbone}):
         raise RecipeError(f"model.width={m.width} does not apply to the {m.backbone} backbone (it has no channels); "
                           f"size it with model.hidden, or remove model.width")
+    if recipe.train.augment_crop and recipe.train.augment_rotate:
+        raise RecipeError("train.augment_crop shifts by whole pixels and cannot rotate; set train.augment_rotate=0 "
+                          "or train.augment_crop=false")
     return recipe
 
 

@@ -186,7 +186,7 @@ class Loop:
 
     def _aug(self, t: torch.Tensor) -> torch.Tensor:
         tc = self.recipe.train
-        t = augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip)
+        t = augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip, tc.augment_crop)
         t = torch.bernoulli(t) if self.stochastic else t
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
