@@ -29,7 +29,8 @@ PHOTO = ["data.name=folder", "data.image_size=16", "data.channels=3", "data.labe
          "model.hidden=64", "model.latent_dim=8", "model.likelihood=logistic", "model.head_hidden=0",
          "model.alpha=3000", "model.consistency=3000", "model.threshold=0.8", "model.align=true",
          "model.unlabelled_elbo_images=16", "train.batch_size=32", "train.labelled_batch_size=16",
-         "train.ema=0.9", "train.augment_shift=1", "train.augment_flip=true", "train.augment_crop=true", "train.kl_warmup_epochs=1",
+         "train.ema=0.9", "train.augment_shift=1", "train.augment_flip=true", "train.augment_crop=true",
+         "train.kl_warmup_epochs=1",
          "train.head_steps=0", "train.reject_samples=4", "train.latent_map=pca", "train.num_samples=16"]
 
 
