@@ -38,6 +38,11 @@ class Reporter:
         if self._progress is not None:
             self._progress.update(self._task, advance=n, info=info)
 
+    def set_total(self, total_steps: int) -> None:
+        """A new length for the progress bar (a time budget re-planned the run)."""
+        if self._progress is not None:
+            self._progress.update(self._task, total=total_steps)
+
     def stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -114,7 +114,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = key(30, "passes over the training set", min=1)
+    epochs: int = key(30, "passes over the training set (with `minutes`: at most this many)", min=1)
+    minutes: float = key(0.0, "a time budget for the training epochs: after each epoch the schedule's length is "
+                              "re-planned from the epochs' measured times so the last one ends within it (0: off; "
+                              "the run then depends on the machine's speed, see docs/ARCHITECTURE.md)", min=0.0)
     batch_size: int = key(64, "images per optimisation step", min=1)
     labelled_batch_size: int = key(64, "labelled images drawn per step (semi-supervised models)", min=1)
     augment_shift: float = key(0.0, "random shift of up to this many pixels (0: off)", min=0.0)

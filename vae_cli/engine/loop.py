@@ -58,9 +58,23 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _lr_lambda(total_steps: int):
-    # Cosine decay to 5% of the base rate: stable late training without a tuned schedule.
-    return lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+def _lr_lambda(total_steps: Callable[[], int]):
+    # Cosine decay to 5% of the base rate: stable late training without a tuned schedule. The length is read
+    # at every step: a time budget (train.minutes) re-plans it after each epoch.
+    def lr(step: int) -> float:
+        total = total_steps()
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return lr
+
+
+def plan_epochs(done: int, spent_s: float, last_epoch_s: float, budget_s: float, cap: int) -> int:
+    """How many epochs a run with a time budget trains in all, planned after `done` epochs that took
+    `spent_s` seconds, the last of them `last_epoch_s`: as many more as fit in what is left at the last
+    epoch's pace, within [done, cap]. The last epoch, not the mean, because epochs grow slower as a run goes
+    on (the consistency term's strong view runs on more images as more pseudo-labels pass): a plan from the
+    mean would overrun, and re-planning every epoch absorbs what the last epoch's pace still misses."""
+    more = math.floor(max(0.0, budget_s - spent_s) / max(last_epoch_s, 1e-9))
+    return max(done, min(cap, done + more))
 
 
 @contextmanager
@@ -121,7 +135,8 @@ class Loop:
         self.bs = min(tc.batch_size, len(self.x))
         self.lbs = min(tc.labelled_batch_size, len(self.lab_idx))
         self.steps_per_epoch = math.ceil(len(self.x) / self.bs)
-        self.total = tc.epochs * self.steps_per_epoch
+        self.planned = tc.epochs  # with a time budget (train.minutes), re-planned after each epoch
+        self.total = self.planned * self.steps_per_epoch
         self.warmup = tc.kl_warmup_epochs * self.steps_per_epoch
         self.channels_last = tc.channels_last and self.x.ndim == 4
         if self.channels_last:  # oneDNN/cuDNN convolutions run faster on NHWC; the weights file is unaffected
@@ -137,7 +152,7 @@ class Loop:
         if tc.fused_optimizer and not fused:
             self.reporter.log(f"note: no fused AdamW kernel for {rt.device.type} in torch {torch.__version__}; "
                               f"using the standard one (same maths, slower; train.fused_optimizer=false hides this)")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(lambda: self.total))
         self.scaler = rt.grad_scaler()
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.progress = state.Progress()
@@ -165,6 +180,7 @@ class Loop:
                                                      device=self.rt.device, rank=self.d.rank)
             if self.ema is not None:
                 self.ema.load(tensors)
+            self._set_plan(self.progress.planned_epochs or self.recipe.train.epochs)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # a damaged or foreign state
             raise CheckpointError(f"resume state '{path}' is damaged ({type(e).__name__}: {str(e)[:120]}); delete "
                                   f"it to start the run over") from None
@@ -244,7 +260,7 @@ class Loop:
         self.reporter.step(p.step)
         try:
             with _signals_to_flag(flag), _quiet_known_warnings():
-                while p.epoch <= tc.epochs:
+                while p.epoch <= self.planned:
                     self._epoch(flag)
         finally:
             self.reporter.stop()
@@ -253,6 +269,25 @@ class Loop:
         if self.ema is not None:  # what is evaluated, calibrated and saved from here on
             self.ema.copy_to(self.model)
         return p.rows
+
+    def _set_plan(self, epochs: int) -> None:
+        self.planned, self.progress.planned_epochs = epochs, epochs
+        self.total = epochs * self.steps_per_epoch
+        self.reporter.set_total(self.total)
+
+    def _replan(self, epoch_s: float) -> None:
+        """train.minutes: fit the schedule to the budget from the epochs' measured times, each with its
+        test-subset evaluation (every rank takes the shortest plan, so all stop at the same epoch)."""
+        tc, p = self.recipe.train, self.progress
+        p.spent_seconds += epoch_s
+        if tc.minutes <= 0:
+            return
+        plan = plan_epochs(p.epoch, p.spent_seconds, epoch_s, tc.minutes * 60, tc.epochs)
+        plan = -int(self.d.max_(torch.tensor([-plan], device=self.rt.device)).item())
+        if plan != self.planned:
+            self.reporter.log(f"time budget {tc.minutes:g} min: {p.spent_seconds / 60:.1f} min spent, {plan} epochs "
+                              f"planned (was {self.planned}; the last took {epoch_s:.0f}s)")
+        self._set_plan(plan)
 
     def _stop_if_signalled(self, flag: dict) -> None:
         signum = flag.get("signum", 0)
@@ -298,6 +333,7 @@ class Loop:
                 self.save_state()
         self._stop_if_signalled(flag)
         p.epoch_seconds += time.perf_counter() - t0
+        t_eval = time.perf_counter()
         with self.ema.applied(self.model) if self.ema is not None else nullcontext():
             test = evaluate(self.model, self.data.test_x[self.epoch_eval], self.data.test_y[self.epoch_eval],
                             self.data.classes, rt)
@@ -313,7 +349,8 @@ class Loop:
                "test_accuracy": acc, "seconds": round(p.epoch_seconds, 3)}
         p.rows.append(row)
         shown = f"  acc {acc:.4f}" if acc != "" else ""
-        self.reporter.log(f"epoch {p.epoch}/{tc.epochs}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
+        self._replan(p.epoch_seconds + time.perf_counter() - t_eval)
+        self.reporter.log(f"epoch {p.epoch}/{self.planned}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
                           f"{row['test_elbo']:.3f}{shown}  {row['seconds']:.1f}s")
         p.epoch, p.step_in_epoch, p.order_drawn = p.epoch + 1, 0, False
         if self.d.is_main:

@@ -36,6 +36,8 @@ class Progress:
     sums: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums
     rows: list[dict] = field(default_factory=list)  # metrics rows of finished epochs
     epoch_seconds: float = 0.0
+    spent_seconds: float = 0.0  # finished epochs' wall time, each with its evaluation (train.minutes)
+    planned_epochs: int = 0  # the schedule's length in epochs as last planned (train.minutes); 0: train.epochs
 
 
 def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
