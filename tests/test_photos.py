@@ -88,11 +88,14 @@ def test_crop_shift_moves_by_whole_pixels_with_mirrored_borders():
     assert torch.equal(crop_shift(x, 0), x)
 
 
-def test_recipe_refuses_crop_with_rotation():
+def test_recipe_refuses_crop_with_rotation_or_a_fractional_shift():
     from vae_cli.core.recipe import RecipeError, from_dict
 
     with pytest.raises(RecipeError, match="augment_rotate=0"):
         from_dict({"train": {"augment_crop": True, "augment_rotate": 10}})
+    with pytest.raises(RecipeError, match="whole number .not 2.5."):
+        from_dict({"train": {"augment_crop": True, "augment_shift": 2.5}})
+    assert from_dict({"train": {"augment_shift": 2.5}}).train.augment_shift == 2.5  # sub-pixel shifts take it
     assert from_dict({"train": {"augment_crop": True, "augment_shift": 2}}).train.augment_crop
 
 

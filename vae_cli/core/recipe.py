@@ -311,6 +311,9 @@ def from_dict(raw: Any) -> Recipe:
     if recipe.train.augment_crop and recipe.train.augment_rotate:
         raise RecipeError("train.augment_crop shifts by whole pixels and cannot rotate; set train.augment_rotate=0 "
                           "or train.augment_crop=false")
+    if recipe.train.augment_crop and recipe.train.augment_shift != int(recipe.train.augment_shift):
+        raise RecipeError(f"train.augment_crop shifts by whole pixels; set train.augment_shift to a whole number "
+                          f"(not {recipe.train.augment_shift:g}) or train.augment_crop=false")
     return recipe
 
 
