@@ -48,9 +48,11 @@ def test_embed_npy_matches_the_model(digits_run, pngs, model, runner, tmp_path):
     assert z.shape == (30, model.latent_dim) and z.dtype == np.float32
     assert paths == [str(p) for p in sorted(pngs.glob("*.png"))]
     x = model.load_images([pngs])
-    with torch.no_grad():
-        want = model.net.latent_means(x).numpy()
-    np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), model.runtime.autocast():  # what `embed` runs under (bf16 on CPUs with native bf16)
+        want = model.net.latent_means(x).float().numpy()
+    # bf16 rounds to ~3 significant digits, and its kernels may group sums differently for a batch of 7 and of 30
+    tol = {"rtol": 1e-4, "atol": 1e-5} if model.runtime.precision == "fp32" else {"rtol": 0.05, "atol": 0.05}
+    np.testing.assert_allclose(z, want, **tol)
     assert "wrote 30 embeddings" in res.stderr
     assert not list(tmp_path.glob(".vae-tmp-*"))  # nothing half-written left behind
 
