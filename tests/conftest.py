@@ -36,13 +36,11 @@ def tiny_run(tmp_path_factory, runner):
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory, runner):
     """The demo recipe, shortened to 15 epochs (~5 s): a model good enough that its pictures show digits
-    and its likelihood tells digits from noise. Shared by the picture and rejection tests. fp32, as `vae calibrate`
-    defaults to: on a CPU with native bf16, `auto` would train and calibrate in bf16, and a recalibration in fp32
-    could not reproduce the held-out values it is compared with."""
+    and its likelihood tells digits from noise. Shared by the picture and rejection tests."""
     from vae_cli.cli import app
 
     out = tmp_path_factory.mktemp("runs")
     res = runner.invoke(app, ["train", str(ROOT / "recipes" / "digits.yaml"), "--out", str(out), "--device", "cpu",
-                              "--precision", "fp32", "--json", "--quiet", "epochs=15"])
+                              "--json", "--quiet", "epochs=15"])
     assert res.exit_code == 0, res.output
     return out / "digits"
