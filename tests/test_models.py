@@ -25,7 +25,7 @@ def _model(name, shape, k=10, **cfg):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
 def test_shapes_loss_backward(name, shape, likelihood):
-    model = _model(name, shape, likelihood=likelihood, rotation=1.0)
+    model = _model(name, shape, likelihood=likelihood, rotation=1.0, colour_order=1.0)
     x = torch.rand(5, *shape)
     y = torch.randint(0, 10, (5,))
     terms = model.loss(Batch(x, y, torch.ones(5, dtype=torch.bool), x[:2], y[:2]), kl_weight=1.0)
@@ -44,8 +44,13 @@ def test_shapes_loss_backward(name, shape, likelihood):
         assert parts["recon"].shape == (5,) and parts["kl"].shape == (5,)
         up = model.upright_logp(x)  # M2 on images has a rotation head; the others say they have none
         assert up is None or (up.shape == (5,) and (up <= 0).all())
+        col = model.colour_logp(x)  # M2 on colour images has a colour-order head
+        assert (col is None) == (not model.has_colour_head) and (col is None or (col.shape == (5,) and (col <= 0).all()))
     if hasattr(model, "rotation_head"):
         assert torch.isfinite(terms["rotation"])
+    assert model.has_colour_head == (name == "m2" and shape[0] == 3 and len(shape) == 3)
+    if model.has_colour_head:
+        assert torch.isfinite(terms["colour_order"])
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

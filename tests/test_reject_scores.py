@@ -69,8 +69,8 @@ def test_confidence_does_not_saturate():
     assert c[1].item() == pytest.approx(0.0, abs=1e-6)  # p_max = 0.5: even odds
 
 
-# the scores a model without a rotation head has (tests/test_rotation.py covers that one)
-DIGIT_SCORES = [n for n in reject.SCORES.names() if n != "rotation"]  # a plain VAE has no rotation head
+# the scores a model without the self-supervised heads has (tests/test_rotation.py covers those)
+DIGIT_SCORES = [n for n in reject.SCORES.names() if n not in ("rotation", "colour")]  # grey, no heads
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def sets(tmp_path_factory, digits_run):
 def test_calibration_holds_every_score_per_image(digits_run):
     cal = read_metadata(digits_run / "model.safetensors")["reject"]
     assert cal["score"] == "combined"  # the recipe default
-    assert set(cal["components"]) == set(reject.BASE) - {"rotation"}  # a plain VAE: no rotation head
+    assert set(cal["components"]) == set(reject.BASE) - {"rotation", "colour"}  # a plain VAE: no heads
     assert cal["knn_k"] == 1  # 143 held-out images: k = n / 100, at least 1
     assert all(len(v) == cal["holdout_images"] for v in cal["components"].values())
     assert set(cal["test_reject_rates"]) == set(DIGIT_SCORES)
@@ -317,3 +317,9 @@ def test_eval_ood_bad_file_is_reported_and_exit_2(digits_run, sets, runner, tmp_
     res = runner.invoke(app, ["eval", str(digits_run / "model.safetensors"), "--iw-samples", "0", "--limit", "50",
                               "--ood", str(tmp_path / "broken.png"), "--ood", str(sets / "noise")])
     assert res.exit_code == 2 and "broken.png" in res.stderr and "Traceback" not in res.output
+
+
+def test_help_texts_name_every_score():
+    from vae_cli.cli.app import SCORES_HELP
+
+    assert sorted(SCORES_HELP.split(" | ")) == sorted(reject.SCORES.names())

@@ -39,6 +39,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+# The --reject scores, for help texts (written out: the registry lives beside torch, which --help must not import;
+# tests/test_reject_scores.py holds the two to the same names)
+SCORES_HELP = "likelihood | complexity | confidence | energy | knn | rotation | colour | combined"
+
+
 class Format(str, Enum):
     table = "table"
     csv = "csv"

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import typer
 
-from vae_cli.cli.app import Device, Precision, app, err, guarded, runtime_for
+from vae_cli.cli.app import SCORES_HELP, Device, Precision, app, err, guarded, runtime_for
 from vae_cli.core.errors import UsageError
-
-SCORES_HELP = "likelihood | complexity | confidence | energy | knn | rotation | combined"
 
 
 @app.command()

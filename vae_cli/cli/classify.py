@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import Device, Format, app, err, guarded, path_args, runtime_name
+from vae_cli.cli.app import SCORES_HELP, Device, Format, app, err, guarded, path_args, runtime_name
 from vae_cli.core.errors import UsageError
 
 
@@ -23,9 +23,8 @@ def classify(
     reject: bool = typer.Option(False, "--reject", help="Flag images unlike the training data (a score below "
                                 "the threshold calibrated on held-out training images)."),
     reject_score: str | None = typer.Option(None, "--reject-score",
-                                            help="With --reject: likelihood | complexity | confidence | energy | knn "
-                                                 "| rotation | combined (default: the one the model was "
-                                                 "calibrated with)."),
+                                            help=f"With --reject: {SCORES_HELP} (default: the one the model "
+                                                 "was calibrated with)."),
     reject_rate: float | None = typer.Option(None, "--reject-rate", min=0.0, max=0.5,
                                              help="With --reject: the held-out false-reject rate that sets "
                                                   "the threshold (default: the recipe's train.reject_rate)."),

@@ -104,6 +104,10 @@ class ModelConfig:
     rotation: float = key(0.0, "M2: weight of a self-supervised rotation-prediction loss on the trunk (0: off; "
                                "Gidaris et al. 2018, S4L). Its head's log p(upright|x) joins --reject's "
                                "combined score (Hendrycks et al. 2019)", min=0.0)
+    colour_order: float = key(0.0, "M2 on colour images: weight of a self-supervised task, which of the 6 orders "
+                                   "of the RGB channels an image was given (0: off; Lee et al. 2020, SLA). Its "
+                                   "head's log p(true colours|x) joins --reject's combined score: photos whose "
+                                   "colours do not fit their content (swapped channels, negatives)", min=0.0)
     test_flip: bool = key(False, "predict from the image and its mirror image, class probabilities averaged "
                                  "(test-time flips): for models trained with train.augment_flip")
     dropout: float = key(0.3, "dropout in the classifier (M2's q(y|x), the VAE's M1 head when head_hidden > 0)",

@@ -52,10 +52,19 @@ def features(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tenso
 
 def upright(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor | None:
     """log p(upright | x) from the model's rotation head, or None when it has none."""
-    if not model.has_rotation_head:
+    return _head_score(model, model.has_rotation_head, model.upright_logp, x, runtime, batch_size)
+
+
+def true_colours(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor | None:
+    """log p(true colours | x) from the model's colour-order head, or None when it has none."""
+    return _head_score(model, model.has_colour_head, model.colour_logp, x, runtime, batch_size)
+
+
+def _head_score(model, has: bool, fn, x: Tensor, runtime: Runtime, batch_size: int) -> Tensor | None:
+    if not has:
         return None
     model.eval()
-    out = _batched(model.upright_logp, x, runtime, batch_size)
+    out = _batched(fn, x, runtime, batch_size)
     return torch.cat(out) if out else torch.empty(0)
 
 

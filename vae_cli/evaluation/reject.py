@@ -21,6 +21,10 @@ little detail is cheap to encode whatever its content. The scores:
   rotation     log p(upright | x) from a head trained, beside the model, to tell which of four quarter turns
                an image was given (`model.rotation` > 0; Hendrycks et al. 2019, "Using self-supervised
                learning can improve model robustness and uncertainty"). Only models with that head have it.
+  colour       log p(true colours | x), its colour counterpart: a head trained to tell which of the 6 orders of
+               the RGB channels an image was given (`model.colour_order` > 0; colour permutation as an input
+               transformation, Lee et al. 2020, "Self-supervised label augmentation via input
+               transformations"): photos whose colours do not fit their content. Colour models with the head.
   knn          the cosine similarity of the image's features (the classifier's trunk in M2) to its k-th nearest
                neighbour among the held-out training images' (Sun et al. 2022, "Out-of-distribution detection
                with deep nearest neighbors"): no assumption on the features' distribution, where a Gaussian
@@ -29,7 +33,7 @@ little detail is cheap to encode whatever its content. The scores:
   combined     likelihood and complexity (two-sided: too typical-looking is as suspect as too unusual; both
                read log p(x), so they count as one p-value, Bonferroni's twice the smaller), energy
                (confidence in files calibrated before it existed), knn (files calibrated since it exists) and,
-               where the model has it, rotation (lower tail), joined by Fisher's method
+               where the model has them, rotation and colour (lower tail), joined by Fisher's method
                (Fisher 1925): each turned into its p-value among the held-out training images, then
                2 * sum(log p). An image is rejected when it is unusual for any view, weighted by how unusual.
 
@@ -53,7 +57,7 @@ from vae_cli.core.errors import CheckpointError, UsageError
 from vae_cli.core.registry import Registry
 from vae_cli.evaluation import metrics
 from vae_cli.evaluation.catalog import LEGACY_NAMES
-from vae_cli.evaluation.evaluate import energy, features, log_likelihood, predict, upright
+from vae_cli.evaluation.evaluate import energy, features, log_likelihood, predict, true_colours, upright
 
 # Test images scored at the end of training to report the false-reject rate on new data.
 TEST_CHECK_IMAGES = 2000
@@ -62,7 +66,8 @@ TEST_CHECK_IMAGES = 2000
 @dataclass(frozen=True)
 class Score:
     help: str
-    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence, energy, upright, knn
+    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence, energy, upright,
+    # colours, knn
     # a base score: per-image values from the measurements; a derived one: from the base scores' values
     # and their sorted held-out values
     compute: Callable[[dict[str, Tensor]], Tensor] | None = None
@@ -75,6 +80,8 @@ SCORES: Registry[Score] = Registry("reject score", "train.reject_score")
 # values are stored
 OPTIONAL = {"rotation": "this model has no rotation head for --reject-score rotation (train it with "
                         "model.rotation > 0, e.g. 5000 on photos)",
+            "colour": "this model has no colour-order head for --reject-score colour (train a colour model with "
+                      "model.colour_order > 0, e.g. 5000 on photos)",
             "knn": "this weights file has no knn calibration (it was calibrated before the knn score existed, or "
                    "with fewer than 2 held-out images); `vae calibrate FILE` measures every score of this version "
                    "without retraining"}
@@ -182,16 +189,19 @@ SCORES.add("energy", Score("logsumexp of the class logits, negative free energy 
                            compute=lambda p: p["energy"]))
 SCORES.add("rotation", Score("log p(upright|x), self-supervised rotation head (Hendrycks et al. 2019); "
                              "models trained with model.rotation > 0", ("upright",), compute=lambda p: p["upright"]))
+SCORES.add("colour", Score("log p(true colours|x), self-supervised colour-order head (Lee et al. 2020); colour "
+                           "models trained with model.colour_order > 0", ("colours",), compute=lambda p: p["colours"]))
 SCORES.add("knn", Score("cosine similarity to the k-th nearest held-out image in feature space (Sun et al. 2022)",
                         ("knn",), compute=lambda p: p["knn"]))
 SCORES.add("combined", Score("likelihood and complexity (two-sided, one Bonferroni p-value) + energy + knn + "
-                             "rotation where the model has it, Fisher's method on held-out p-values",
-                             ("log_px", "png_bits", "confidence", "energy", "knn", "upright"),
+                             "rotation and colour where the model has them, Fisher's method on held-out p-values",
+                             ("log_px", "png_bits", "confidence", "energy", "knn", "upright", "colours"),
                              combine=fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower"),
-                                             ("knn", "lower"), ("rotation", "lower")), optional=OPTIONAL, older=NEWER),
-                             bases=("likelihood", "complexity", "energy", "knn", "rotation")))
+                                             ("knn", "lower"), ("rotation", "lower"), ("colour", "lower")),
+                                            optional=OPTIONAL, older=NEWER),
+                             bases=("likelihood", "complexity", "energy", "knn", "rotation", "colour")))
 # the scores whose held-out values are stored
-BASE = ("likelihood", "complexity", "confidence", "energy", "knn", "rotation")
+BASE = ("likelihood", "complexity", "confidence", "energy", "knn", "rotation", "colour")
 
 
 @dataclass(frozen=True)
@@ -211,15 +221,17 @@ def knn_similarity(f: Tensor, ref: Reference, leave_self_out: bool = False) -> T
 
 
 def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(
-        ("log_px", "png_bits", "confidence", "energy", "knn", "upright")), progress=None,
+        ("log_px", "png_bits", "confidence", "energy", "knn", "upright", "colours")), progress=None,
         reference: Reference | None = None) -> dict[str, Tensor]:
-    """The per-image measurements the scores read (float64, on the CPU); `upright` only from a model with a
-    rotation head, `knn` only against a `reference`."""
+    """The per-image measurements the scores read (float64, on the CPU); `upright` and `colours` only from a
+    model with a rotation or colour-order head, `knn` only against a `reference`."""
     out = {}
     if "knn" in parts and reference is not None:
         out["knn"] = knn_similarity(features(model, x, rt), reference)
     if "upright" in parts and (up := upright(model, x, rt)) is not None:
         out["upright"] = up.double()
+    if "colours" in parts and (c := true_colours(model, x, rt)) is not None:
+        out["colours"] = c.double()
     if "png_bits" in parts:
         out["png_bits"] = png_bits(x)
     if "confidence" in parts:
@@ -303,6 +315,10 @@ def unavailable(score: str, model, holdout_images: int) -> str | None:
         return (f"train.reject_score=rotation needs a rotation head, which '{model.cfg.name}' with "
                 f"model.rotation={model.cfg.rotation:g} has not: set model.rotation > 0 (M2 on images, e.g. 5000) "
                 "or pick another train.reject_score")
+    if score == "colour" and not model.has_colour_head:
+        return (f"train.reject_score=colour needs a colour-order head, which '{model.cfg.name}' with "
+                f"model.colour_order={model.cfg.colour_order:g} has not: set model.colour_order > 0 (M2 on colour "
+                "images, e.g. 5000) or pick another train.reject_score")
     if score == "knn" and holdout_images and knn_k(holdout_images) is None:
         return (f"train.reject_score=knn compares an image with its nearest held-out neighbours, and this split "
                 f"holds out {holdout_images} image(s): raise data.holdout_fraction (at least 2 held-out images) "
@@ -322,7 +338,8 @@ def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: floa
     feats = features(model, holdout_x, rt)
     k = knn_k(len(holdout_x))
     ref = Reference(torch.nn.functional.normalize(feats, dim=1), k) if k is not None else None
-    parts = measure(model, holdout_x, rt, samples, seed, {"log_px", "png_bits", "confidence", "energy", "upright"})
+    parts = measure(model, holdout_x, rt, samples, seed, {"log_px", "png_bits", "confidence", "energy", "upright",
+                                                          "colours"})
     if ref is not None:
         parts["knn"] = knn_similarity(feats, ref, leave_self_out=True)
     held = base_values(parts)

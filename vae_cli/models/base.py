@@ -119,6 +119,15 @@ class Model(nn.Module):
         """(B,) log p(x is the right way up) from a self-supervised rotation head; None without one."""
         return None
 
+    @property
+    def has_colour_head(self) -> bool:
+        """Whether `colour_logp` has a head to answer from (only M2 on colour images, `model.colour_order` > 0)."""
+        return hasattr(self, "colour_head")
+
+    def colour_logp(self, x: Tensor) -> Tensor | None:
+        """(B,) log p(x has its true colours) from a self-supervised colour-order head; None without one."""
+        return None
+
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """n images in [0, 1]; class-conditional when y is given."""
         raise NotImplementedError

@@ -21,6 +21,13 @@ What differs from the paper, each a recipe key:
   makes the features see which way up an image is, and its head's log p(upright | x) is a rejection
   score that does not come from the likelihood (Hendrycks et al. 2019, "Using self-supervised learning
   can improve model robustness and uncertainty").
+- `model.colour_order` > 0 (colour images) adds its colour counterpart: which of the 6 orders of the RGB
+  channels an image was given (colour permutation as an input transformation, Lee, Hwang & Shin 2020,
+  "Self-supervised label augmentation via input transformations"). Telling a blue sky from a red one
+  needs the features to know which colours fit which content, the thing the strong view's colour jitter
+  and solarize teach the classifier to ignore; its head's log p(true colours | x) is the rejection score
+  for photos whose colours do not fit their content. It shares the rotation task's trunk pass: with both
+  tasks on, half the images are turned and half recoloured.
 """
 
 from __future__ import annotations
@@ -63,6 +70,26 @@ def random_turns(x: Tensor) -> tuple[Tensor, Tensor]:
     return out, turns
 
 
+# The 6 orders of three colour channels; order 0 is the image as it is.
+CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def reorder_channels(x: Tensor, orders: Tensor) -> Tensor:
+    """Each colour image (B, 3, H, W) with its channels in the order CHANNEL_ORDERS[orders[i]], in x's memory
+    layout."""
+    idx = torch.tensor(CHANNEL_ORDERS, device=x.device)[orders]  # (B, 3)
+    out = torch.empty_like(x)
+    out.copy_(x.gather(1, idx[:, :, None, None].expand_as(x)))
+    return out
+
+
+def random_channel_orders(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each colour image with its channels in a random one of the 6 orders, with the order's index. Draws
+    from torch's global RNG, so a resumed run repeats them."""
+    orders = torch.randint(0, len(CHANNEL_ORDERS), (len(x),), device=x.device)
+    return reorder_channels(x, orders), orders
+
+
 # The fewest images the consistency term's strong view runs on: batch norm's statistics come from that pass,
 # and a handful of confident images early in a run would give it noisy ones.
 STRONG_MIN = 64
@@ -92,6 +119,8 @@ class M2(Model):
         self.likelihood = make_likelihood(cfg.likelihood, self.input_shape)
         if cfg.rotation > 0 and len(self.input_shape) == 3:  # which quarter turn (only 0/180 if not square)
             self.rotation_head = nn.Linear(self.trunk.out_dim, 4)
+        if cfg.colour_order > 0 and len(self.input_shape) == 3 and self.input_shape[0] == 3:
+            self.colour_head = nn.Linear(self.trunk.out_dim, len(CHANNEL_ORDERS))
         if cfg.align:  # running mean of q(y|x) on unlabelled batches, for distribution alignment
             self.register_buffer("q_mean", torch.full((K,), 1.0 / K))
 
@@ -160,13 +189,33 @@ class M2(Model):
             terms["loss"] = terms["loss"] + cfg.consistency * consistency
             terms["consistency"] = consistency
             terms["pseudo_rate"] = mask.mean()
-        if self.has_rotation_head:
-            # the labelled images and those of the enumeration, each turned by a random quarter turn
-            x_rot, turns = random_turns(torch.cat([batch.x_lab, batch.x[:n]]))
-            rotation = F.cross_entropy(fp32(self.rotation_head, self.trunk(x_rot)), turns)
-            terms["loss"] = terms["loss"] + cfg.rotation * rotation
-            terms["rotation"] = rotation
+        if self.has_rotation_head or self.has_colour_head:
+            terms.update(self._transform_tasks(torch.cat([batch.x_lab, batch.x[:n]]), terms["loss"]))
         return terms
+
+    def _transform_tasks(self, x: Tensor, loss: Tensor) -> dict[str, Tensor]:
+        """The self-supervised tasks on the labelled images and those of the enumeration, in one trunk pass: with
+        both heads, the first half of the images turned by a random quarter turn, the second given a random
+        channel order (one transformation per image: turned and recoloured at once, each task was harder and
+        the classifier paid for it); with one head, every image."""
+        cfg, out = self.cfg, {}
+        cut = len(x) // 2 if self.has_rotation_head and self.has_colour_head else (
+            len(x) if self.has_rotation_head else 0)
+        parts, turns, orders = [], None, None
+        if cut:
+            xr, turns = random_turns(x[:cut])
+            parts.append(xr)
+        if cut < len(x):
+            xc, orders = random_channel_orders(x[cut:])
+            parts.append(xc)
+        h = self.trunk(torch.cat(parts) if len(parts) > 1 else parts[0])
+        if turns is not None:
+            out["rotation"] = F.cross_entropy(fp32(self.rotation_head, h[:cut]), turns)
+            loss = loss + cfg.rotation * out["rotation"]
+        if orders is not None:
+            out["colour_order"] = F.cross_entropy(fp32(self.colour_head, h[cut:]), orders)
+            loss = loss + cfg.colour_order * out["colour_order"]
+        return {"loss": loss, **out}
 
     @torch.no_grad()
     def _pseudo_targets(self, q: Tensor) -> Tensor:
@@ -199,6 +248,15 @@ class M2(Model):
         turns = range(4) if x.shape[-1] == x.shape[-2] else (0, 2)
         return sum(F.log_softmax(fp32(self.rotation_head, self.trunk(torch.rot90(x, k, (2, 3)))), 1)[:, k]
                    for k in turns)
+
+    def colour_logp(self, x: Tensor) -> Tensor | None:
+        """sum over the channel orders k of log p(order k | x in order k), from the colour-order head: how well
+        the image's recoloured copies are told apart, which needs its colours to fit its content first (the
+        rotation score's counterpart for colour). None without a head (`model.colour_order` = 0)."""
+        if not self.has_colour_head:
+            return None
+        return sum(F.log_softmax(fp32(self.colour_head, self.trunk(reorder_channels(x, torch.full(
+            (len(x),), k, device=x.device)))), 1)[:, k] for k in range(len(CHANNEL_ORDERS)))
 
     def elbo_parts(self, x: Tensor) -> dict[str, Tensor]:
         """The unlabelled bound split as recon + KL, where KL includes KL(q(y|x) || p(y))."""
