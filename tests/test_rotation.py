@@ -79,6 +79,22 @@ def test_colour_term_trains_its_head_is_off_by_default_and_needs_colour():
         assert (model.colour_logp(pics) > model.colour_logp(swapped)).float().mean() > 0.9
 
 
+def test_with_both_heads_half_the_images_are_turned_and_half_recoloured():
+    model = build_model(ModelConfig(colour_order=1.0, rotation=1.0, **CFG), (3, 16, 16), 3).eval()
+    x = torch.rand(10, 3, 16, 16)
+    torch.manual_seed(7)
+    got = model._transform_tasks(x, torch.tensor(0.0))
+    torch.manual_seed(7)  # the same draws, by hand: turns for the first 5, channel orders for the last 5
+    xr, turns = random_turns(x[:5])
+    xc, orders = random_channel_orders(x[5:])
+    with torch.no_grad():
+        h = model.trunk(torch.cat([xr, xc]))
+        want_rot = torch.nn.functional.cross_entropy(model.rotation_head(h[:5]), turns)
+        want_col = torch.nn.functional.cross_entropy(model.colour_head(h[5:]), orders)
+    assert torch.allclose(got["rotation"], want_rot) and torch.allclose(got["colour_order"], want_col)
+    assert torch.allclose(got["loss"], want_rot + want_col)
+
+
 def _train_head_alone(model, head, transform, pics, steps: int = 60) -> None:
     """A few steps of one self-supervised task alone (`transform` gives the images and their targets); leaves
     the model in eval mode."""

@@ -195,9 +195,9 @@ class M2(Model):
 
     def _transform_tasks(self, x: Tensor, loss: Tensor) -> dict[str, Tensor]:
         """The self-supervised tasks on the labelled images and those of the enumeration, in one trunk pass: with
-        both heads, the first half of the images turned by a random quarter turn, the second given a random
-        channel order (one transformation per image: turned and recoloured at once, each task was harder and
-        the classifier paid for it); with one head, every image."""
+        both heads the first half turned by a random quarter turn, the second half given a random channel
+        order (one transformation per image: both at once made each task harder, and accuracy paid for it;
+        docs/ARCHITECTURE.md); with one head, every image."""
         cfg, out = self.cfg, {}
         cut = len(x) // 2 if self.has_rotation_head and self.has_colour_head else (
             len(x) if self.has_rotation_head else 0)
