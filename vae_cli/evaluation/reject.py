@@ -81,7 +81,7 @@ SCORES: Registry[Score] = Registry("reject score", "train.reject_score")
 OPTIONAL = {"rotation": "this model has no rotation head for --reject-score rotation (train it with "
                         "model.rotation > 0, e.g. 5000 on photos)",
             "colour": "this model has no colour-order head for --reject-score colour (train a colour model with "
-                      "model.colour_order > 0, e.g. 5000 on photos)",
+                      "model.colour_order > 0, e.g. 2000 on photos)",
             "knn": "this weights file has no knn calibration (it was calibrated before the knn score existed, or "
                    "with fewer than 2 held-out images); `vae calibrate FILE` measures every score of this version "
                    "without retraining"}
@@ -318,7 +318,7 @@ def unavailable(score: str, model, holdout_images: int) -> str | None:
     if score == "colour" and not model.has_colour_head:
         return (f"train.reject_score=colour needs a colour-order head, which '{model.cfg.name}' with "
                 f"model.colour_order={model.cfg.colour_order:g} has not: set model.colour_order > 0 (M2 on colour "
-                "images, e.g. 5000) or pick another train.reject_score")
+                "images, e.g. 2000) or pick another train.reject_score")
     if score == "knn" and holdout_images and knn_k(holdout_images) is None:
         return (f"train.reject_score=knn compares an image with its nearest held-out neighbours, and this split "
                 f"holds out {holdout_images} image(s): raise data.holdout_fraction (at least 2 held-out images) "
