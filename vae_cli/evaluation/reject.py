@@ -63,11 +63,14 @@ from vae_cli.evaluation.evaluate import energy, features, log_likelihood, predic
 TEST_CHECK_IMAGES = 2000
 
 
+# Every per-image measurement a score may read (`measure` takes any subset)
+PARTS = ("log_px", "png_bits", "confidence", "energy", "knn", "upright", "colours")
+
+
 @dataclass(frozen=True)
 class Score:
     help: str
-    parts: tuple[str, ...]  # the per-image measurements it needs: log_px, png_bits, confidence, energy, upright,
-    # colours, knn
+    parts: tuple[str, ...]  # the per-image measurements it needs, some of PARTS
     # a base score: per-image values from the measurements; a derived one: from the base scores' values
     # and their sorted held-out values
     compute: Callable[[dict[str, Tensor]], Tensor] | None = None
@@ -195,7 +198,7 @@ SCORES.add("knn", Score("cosine similarity to the k-th nearest held-out image in
                         ("knn",), compute=lambda p: p["knn"]))
 SCORES.add("combined", Score("likelihood and complexity (two-sided, one Bonferroni p-value) + energy + knn + "
                              "rotation and colour where the model has them, Fisher's method on held-out p-values",
-                             ("log_px", "png_bits", "confidence", "energy", "knn", "upright", "colours"),
+                             PARTS,
                              combine=fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower"),
                                              ("knn", "lower"), ("rotation", "lower"), ("colour", "lower")),
                                             optional=OPTIONAL, older=NEWER),
@@ -220,9 +223,8 @@ def knn_similarity(f: Tensor, ref: Reference, leave_self_out: bool = False) -> T
     return torch.cat([(fb @ ref.features.T).topk(k, dim=1).values[:, -1] for fb in f.split(1024)]).double()
 
 
-def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(
-        ("log_px", "png_bits", "confidence", "energy", "knn", "upright", "colours")), progress=None,
-        reference: Reference | None = None) -> dict[str, Tensor]:
+def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(PARTS),
+            progress=None, reference: Reference | None = None) -> dict[str, Tensor]:
     """The per-image measurements the scores read (float64, on the CPU); `upright` and `colours` only from a
     model with a rotation or colour-order head, `knn` only against a `reference`."""
     out = {}
@@ -338,8 +340,7 @@ def calibrate(model, holdout_x: Tensor | None, test_x: Tensor, rt, *, rate: floa
     feats = features(model, holdout_x, rt)
     k = knn_k(len(holdout_x))
     ref = Reference(torch.nn.functional.normalize(feats, dim=1), k) if k is not None else None
-    parts = measure(model, holdout_x, rt, samples, seed, {"log_px", "png_bits", "confidence", "energy", "upright",
-                                                          "colours"})
+    parts = measure(model, holdout_x, rt, samples, seed, set(PARTS) - {"knn"})  # knn: leaving each image out
     if ref is not None:
         parts["knn"] = knn_similarity(feats, ref, leave_self_out=True)
     held = base_values(parts)
