@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from vae_cli.core import recipe as R
 from vae_cli.core.console import Reporter
 from vae_cli.engine import loop
 from vae_cli.engine import state as S
+from vae_cli.engine.distributed import Dist
 from vae_cli.engine.loop import plan_epochs
 from vae_cli.engine.train import train
 
@@ -65,3 +68,39 @@ def test_the_learning_rate_schedule_follows_the_plan_and_resume_keeps_it(tmp_pat
     assert again.epochs == 2 and len(rows2) == 2
     wa, wb = load_file(res.paths["weights"]), load_file(again.paths["weights"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_eval_every_fills_the_test_columns_every_n_epochs_and_on_the_last(tmp_path):
+    """train.eval_every=3 over 4 epochs: test numbers on epoch 3 and on the last (4), blank cells on 1 and 2;
+    the evaluations left out change nothing that is trained (the same weights and test numbers as evaluating
+    every epoch), and the report still draws its curves."""
+    a, rows = _run(tmp_path, "sparse", "train.eval_every=3")
+    b, every = _run(tmp_path, "plain")
+    assert [r["test_elbo"] != "" for r in rows] == [False, False, True, True]
+    assert [r["test_elbo"] for r in rows[2:]] == [r["test_elbo"] for r in every[2:]]
+    assert all(r["test_elbo"] != "" for r in every)
+    wa, wb = load_file(a.paths["weights"]), load_file(b.paths["weights"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert Path(a.paths["curves"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("every, epoch, set_aside", [
+    (1, 3, 6.0),  # every epoch evaluated (the default): this epoch's coming evaluation, as before the key
+    (5, 3, 6.0 * 4 / 5),  # no evaluation now: the rest of the one the last epoch will have
+    (5, 5, 6.0 * 4 / 5 + 6.0),  # an evaluation now, and the rest of the last one's
+])
+def test_a_budget_paces_epochs_with_their_share_of_the_evaluations(monkeypatch, every, epoch, set_aside):
+    """train.minutes with train.eval_every: an epoch costs its training plus 1/N of the last measured
+    evaluation (6 s here), and the evaluations still to come are set aside from what is left."""
+    seen = {}
+    monkeypatch.setattr(loop, "plan_epochs", lambda done, spent, last, budget, cap: seen.update(
+        done=done, spent=spent, last=last, budget=budget) or 9)
+    tc = SimpleNamespace(minutes=10.0, eval_every=every, epochs=20)
+    fake = SimpleNamespace(recipe=SimpleNamespace(train=tc), d=Dist(), rt=SimpleNamespace(device=torch.device("cpu")),
+                           progress=S.Progress(epoch=epoch, spent_seconds=100.0, eval_seconds=6.0), planned=20,
+                           reporter=Reporter(quiet=True), _set_plan=lambda e: seen.update(plan=e))
+    loop.Loop._replan(fake, 50.0)
+    assert fake.progress.spent_seconds == 150.0  # the training time; the evaluation adds its own when it runs
+    assert seen["spent"] == pytest.approx(150.0 + set_aside)
+    assert seen["last"] == pytest.approx(50.0 + 6.0 / every)
+    assert (seen["done"], seen["budget"], seen["plan"]) == (epoch, 600.0, 9)

@@ -90,7 +90,9 @@ def training_curves(cols: dict[str, list[float]], path: Path, accuracy: bool = T
     plt, fig = _figure(4.0 * min(3, len(panels)), 3.2 * ((len(panels) + 2) // 3))
     for i, (k, title) in enumerate(panels):
         ax = fig.add_subplot((len(panels) + 2) // 3, min(3, len(panels)), i + 1)
-        ax.plot(epochs, cols[k], marker="o", markersize=3)
+        # columns filled every train.eval_every epochs: the blank cells (NaN) dropped, so the line joins the rest
+        pts = [(e, v) for e, v in zip(epochs, cols[k]) if v == v]
+        ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", markersize=3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -275,18 +275,23 @@ class Loop:
         self.total = epochs * self.steps_per_epoch
         self.reporter.set_total(self.total)
 
-    def _replan(self, epoch_s: float) -> None:
-        """train.minutes: fit the schedule to the budget from the epochs' measured times, each with its
-        test-subset evaluation (every rank takes the shortest plan, so all stop at the same epoch)."""
+    def _replan(self, train_s: float) -> None:
+        """train.minutes: fit the schedule to the budget from the epochs' measured times (every rank takes the
+        shortest plan, so all stop at the same epoch). Called after an epoch's steps, before its test-subset
+        evaluation: with evaluations every N epochs (train.eval_every) an epoch's pace is its training plus 1/N
+        of the last measured evaluation, and what a coming evaluation will cost is set aside (this epoch's, when
+        it has one; and the last epoch's, which always has one)."""
         tc, p = self.recipe.train, self.progress
-        p.spent_seconds += epoch_s
+        p.spent_seconds += train_s
         if tc.minutes <= 0:
             return
-        plan = plan_epochs(p.epoch, p.spent_seconds, epoch_s, tc.minutes * 60, tc.epochs)
+        n, ev = tc.eval_every, p.eval_seconds
+        owed = ev * (n - 1) / n + (ev if p.epoch % n == 0 else 0.0)
+        plan = plan_epochs(p.epoch, p.spent_seconds + owed, train_s + ev / n, tc.minutes * 60, tc.epochs)
         plan = -int(self.d.max_(torch.tensor([-plan], device=self.rt.device)).item())
         if plan != self.planned:
             self.reporter.log(f"time budget {tc.minutes:g} min: {p.spent_seconds / 60:.1f} min spent, {plan} epochs "
-                              f"planned (was {self.planned}; the last took {epoch_s:.0f}s)")
+                              f"planned (was {self.planned}; the last took {train_s + ev / n:.0f}s)")
         self._set_plan(plan)
 
     def _stop_if_signalled(self, flag: dict) -> None:
@@ -333,25 +338,30 @@ class Loop:
                 self.save_state()
         self._stop_if_signalled(flag)
         p.epoch_seconds += time.perf_counter() - t0
-        t_eval = time.perf_counter()
-        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
-            test = evaluate(self.model, self.data.test_x[self.epoch_eval], self.data.test_y[self.epoch_eval],
-                            self.data.classes, rt)
+        self._replan(p.epoch_seconds)
+        # train.eval_every: the test numbers every N epochs and on the last one (blank cells between)
+        test = {}
+        if p.epoch % tc.eval_every == 0 or p.epoch >= self.planned:
+            t_eval = time.perf_counter()
+            with self.ema.applied(self.model) if self.ema is not None else nullcontext():
+                test = evaluate(self.model, self.data.test_x[self.epoch_eval], self.data.test_y[self.epoch_eval],
+                                self.data.classes, rt)
+            p.eval_seconds = time.perf_counter() - t_eval
+            p.spent_seconds += p.eval_seconds
         n = len(self.x)
         # models whose classifier is fitted after the loop (the VAE's M1 head) have no accuracy to report yet
-        acc = round(test["accuracy"], 4) if self.model.needs_labelled_batch else ""
+        acc = round(test["accuracy"], 4) if test and self.model.needs_labelled_batch else ""
         keys = sorted(k for k in p.sums if k != "kl_weight")
         totals = self.d.sum_(torch.tensor([p.sums[k] for k in keys], dtype=torch.float64, device=rt.device)).tolist()
         row = {"epoch": p.epoch, "step": p.step,
                **{f"train_{k}": round(v / n, 5) for k, v in zip(keys, totals)},
                "kl_weight": round(min(1.0, p.step / self.warmup) if self.warmup else 1.0, 4),
-               "lr": f"{self.sched.get_last_lr()[0]:.3g}", "test_elbo": round(test["elbo"], 4),
+               "lr": f"{self.sched.get_last_lr()[0]:.3g}", "test_elbo": round(test["elbo"], 4) if test else "",
                "test_accuracy": acc, "seconds": round(p.epoch_seconds, 3)}
         p.rows.append(row)
-        shown = f"  acc {acc:.4f}" if acc != "" else ""
-        self._replan(p.epoch_seconds + time.perf_counter() - t_eval)
-        self.reporter.log(f"epoch {p.epoch}/{self.planned}  loss {row.get('train_loss', float('nan')):.3f}  test elbo "
-                          f"{row['test_elbo']:.3f}{shown}  {row['seconds']:.1f}s")
+        shown = (f"  test elbo {row['test_elbo']:.3f}" if test else "") + (f"  acc {acc:.4f}" if acc != "" else "")
+        self.reporter.log(f"epoch {p.epoch}/{self.planned}  loss {row.get('train_loss', float('nan')):.3f}"
+                          f"{shown}  {row['seconds']:.1f}s")
         p.epoch, p.step_in_epoch, p.order_drawn = p.epoch + 1, 0, False
         if self.d.is_main:
             fsutil.write_text(self.run_dir.metrics, _csv_text(p.rows))

@@ -37,6 +37,7 @@ class Progress:
     rows: list[dict] = field(default_factory=list)  # metrics rows of finished epochs
     epoch_seconds: float = 0.0
     spent_seconds: float = 0.0  # finished epochs' wall time, each with its evaluation (train.minutes)
+    eval_seconds: float = 0.0  # the last per-epoch test evaluation's wall time (plans train.eval_every > 1)
     planned_epochs: int = 0  # the schedule's length in epochs as last planned (train.minutes); 0: train.epochs
 
 
