@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from vae_cli.core import recipe as R
 from vae_cli.core.console import Reporter
+from vae_cli.core.errors import UsageError
 from vae_cli.engine import loop
 from vae_cli.engine import state as S
 from vae_cli.engine.distributed import Dist
@@ -104,3 +106,23 @@ def test_a_budget_paces_epochs_with_their_share_of_the_evaluations(monkeypatch, 
     assert seen["spent"] == pytest.approx(150.0 + set_aside)
     assert seen["last"] == pytest.approx(50.0 + 6.0 / every)
     assert (seen["done"], seen["budget"], seen["plan"]) == (epoch, 600.0, 9)
+
+
+def test_a_run_stopped_before_an_upgrade_resumes_after_it(tmp_path):
+    """A state file written before a recipe key existed (here train.eval_every, removed from its saved recipe)
+    resumes: the key's default is the old behaviour, so it is no difference; a changed value still is one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    res, _ = _run(tmp_path, "old", "epochs=2")
+    path = res.run.state
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    saved = json.loads(meta["recipe"])
+    del saved["train"]["eval_every"]
+    save_file(tensors, str(path), metadata={**meta, "recipe": json.dumps(saved)})
+    again, rows = _run(tmp_path, "old", "epochs=2", resume=True)
+    assert again.epochs == 2 and len(rows) == 2
+    with pytest.raises(UsageError, match="train.eval_every"):
+        _run(tmp_path, "old", "epochs=2", "train.eval_every=2", resume=True)

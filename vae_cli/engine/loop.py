@@ -24,8 +24,8 @@ import torch
 from vae_cli.artifacts.rundir import RunDir
 from vae_cli.core import fsutil
 from vae_cli.core.console import Reporter
-from vae_cli.core.errors import CheckpointError, Interrupted, UsageError, VaeError
-from vae_cli.core.recipe import Recipe
+from vae_cli.core.errors import CheckpointError, Interrupted, RecipeError, UsageError, VaeError
+from vae_cli.core.recipe import Recipe, from_dict
 from vae_cli.core.runtime import Runtime, recheck_cpu_budget
 from vae_cli.data import SPLIT_SEED, Dataset
 from vae_cli.data.augment import augment, strong
@@ -113,6 +113,16 @@ def _recipe_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def _with_defaults(saved: dict) -> dict:
+    """An interrupted run's recipe with the keys added to the tool since it started at their defaults (each new
+    key's default keeps the old behaviour), so an upgrade between the stop and --resume is no difference; a
+    recipe this version cannot read at all is compared as it was saved."""
+    try:
+        return from_dict(saved).to_dict()
+    except RecipeError:
+        return saved
+
+
 class Loop:
     """The optimisation loop and its resumable state."""
 
@@ -170,7 +180,7 @@ class Loop:
         tensors, meta = state.load(path)
         if not isinstance(meta.get("recipe"), dict):
             raise CheckpointError(f"resume state '{path}' has no readable recipe; delete it to start the run over")
-        diffs = _recipe_differences(meta["recipe"], self.recipe.to_dict())
+        diffs = _recipe_differences(_with_defaults(meta["recipe"]), self.recipe.to_dict())
         if diffs:
             raise UsageError(f"cannot resume '{path.parent}': the recipe differs from the interrupted run's in "
                              f"{', '.join(diffs)}; resume with the same recipe, or start a new run with --name")
