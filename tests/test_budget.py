@@ -100,8 +100,11 @@ def test_a_budget_paces_epochs_with_their_share_of_the_evaluations(monkeypatch, 
     tc = SimpleNamespace(minutes=10.0, eval_every=every, epochs=20)
     fake = SimpleNamespace(recipe=SimpleNamespace(train=tc), d=Dist(), rt=SimpleNamespace(device=torch.device("cpu")),
                            progress=S.Progress(epoch=epoch, spent_seconds=100.0, eval_seconds=6.0), planned=20,
-                           reporter=Reporter(quiet=True), _set_plan=lambda e: seen.update(plan=e))
+                           reporter=SimpleNamespace(log=lambda line: seen.update(log=line)),
+                           _set_plan=lambda e: seen.update(plan=e))
     loop.Loop._replan(fake, 50.0)
+    # the log line names the pace and what it is made of
+    assert f"pace {50 + 6 / every:.0f}s: 50s of steps + {6 / every:.0f}s of evaluation" in seen["log"]
     assert fake.progress.spent_seconds == 150.0  # the training time; the evaluation adds its own when it runs
     assert seen["spent"] == pytest.approx(150.0 + set_aside)
     assert seen["last"] == pytest.approx(50.0 + 6.0 / every)

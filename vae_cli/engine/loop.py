@@ -301,7 +301,8 @@ class Loop:
         plan = -int(self.d.max_(torch.tensor([-plan], device=self.rt.device)).item())
         if plan != self.planned:
             self.reporter.log(f"time budget {tc.minutes:g} min: {p.spent_seconds / 60:.1f} min spent, {plan} epochs "
-                              f"planned (was {self.planned}; the last took {train_s + ev / n:.0f}s)")
+                              f"planned (was {self.planned}; an epoch's pace {train_s + ev / n:.0f}s: "
+                              f"{train_s:.0f}s of steps + {ev / n:.0f}s of evaluation)")
         self._set_plan(plan)
 
     def _stop_if_signalled(self, flag: dict) -> None:
