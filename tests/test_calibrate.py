@@ -42,7 +42,7 @@ def test_an_older_file_gains_knn_and_keeps_its_weights(digits_run, tmp_path, run
     before = load_file(str(old))
     meta_before = checkpoint.read_metadata(old)
     res = runner.invoke(app, ["calibrate", str(old), "--reject-rate", "0.05", "--reject-score", "knn", "--json",
-                              "--device", "cpu", "--precision", "auto"])  # as the run trained (bf16 on native-bf16 CPUs)
+                              "--device", "cpu", "--precision", "auto"])  # as trained (bf16 on native-bf16 CPUs)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["score"] == "knn" and out["rate"] == 0.05 and out["knn_k"] >= 1

@@ -1,8 +1,8 @@
 """The grey few-label recipe (recipes/mnist-100-labels.yaml) with the photo recipes' mechanisms it adopted in
 session 14: a moving average of the weights, pseudo-label alignment and whole-pixel shifts (1.78% -> 1.35%
 MNIST-100 test error over 3 subsets; BENCHMARKS.md). Run here on the embedded 8x8 digits, which need no
-download: the recipe's training as shipped, on a smaller net, trains and beats chance clearly (that the averaged weights are
-what is saved: tests/test_photos.py)."""
+download: the recipe's training as shipped, on a smaller net, trains and beats chance clearly (that the
+averaged weights are what is saved: tests/test_photos.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,5 @@ def test_the_recipe_has_the_mechanisms_it_was_measured_with():
 def test_the_grey_recipe_trains_on_digits_with_ten_labels_a_class(grey_run):
     r, res = grey_run
     assert r.data.labels_per_class == 10
-    assert res.epochs == 8 and r.train.ema > 0 and r.model.align and r.train.augment_crop
+    assert res.epochs == 8
     assert res.test["accuracy"] > 0.7, res.test["accuracy"]  # chance is 0.1; 0.89 measured (8 epochs, 8 s)
-

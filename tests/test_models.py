@@ -45,7 +45,8 @@ def test_shapes_loss_backward(name, shape, likelihood):
         up = model.upright_logp(x)  # M2 on images has a rotation head; the others say they have none
         assert up is None or (up.shape == (5,) and (up <= 0).all())
         col = model.colour_logp(x)  # M2 on colour images has a colour-order head
-        assert (col is None) == (not model.has_colour_head) and (col is None or (col.shape == (5,) and (col <= 0).all()))
+        assert (col is None) == (not model.has_colour_head)
+        assert col is None or (col.shape == (5,) and (col <= 0).all())
     if hasattr(model, "rotation_head"):
         assert torch.isfinite(terms["rotation"])
     assert model.has_colour_head == (name == "m2" and shape[0] == 3 and len(shape) == 3)

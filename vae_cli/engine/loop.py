@@ -264,7 +264,7 @@ class Loop:
         return {"kl_weight": kl_weight, **{k: v.item() for k, v in terms.items()}}
 
     def run(self) -> list[dict]:
-        tc, p = self.recipe.train, self.progress
+        p = self.progress
         flag: dict = {}
         self.reporter.start(self.total)
         self.reporter.step(p.step)
