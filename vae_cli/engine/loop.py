@@ -297,11 +297,12 @@ class Loop:
             return
         n, ev = tc.eval_every, p.eval_seconds
         owed = ev * (n - 1) / n + (ev if p.epoch % n == 0 else 0.0)
-        plan = plan_epochs(p.epoch, p.spent_seconds + owed, train_s + ev / n, tc.minutes * 60, tc.epochs)
+        pace = train_s + ev / n
+        plan = plan_epochs(p.epoch, p.spent_seconds + owed, pace, tc.minutes * 60, tc.epochs)
         plan = -int(self.d.max_(torch.tensor([-plan], device=self.rt.device)).item())
         if plan != self.planned:
             self.reporter.log(f"time budget {tc.minutes:g} min: {p.spent_seconds / 60:.1f} min spent, {plan} epochs "
-                              f"planned (was {self.planned}; an epoch's pace {train_s + ev / n:.0f}s: "
+                              f"planned (was {self.planned}; an epoch's pace {pace:.0f}s: "
                               f"{train_s:.0f}s of steps + {ev / n:.0f}s of evaluation)")
         self._set_plan(plan)
 
