@@ -71,7 +71,7 @@ def test_sample_grid_each_and_class(tiny_run, runner, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["written"]) == 10
     with Image.open(tmp_path / "g.png") as im:
-        assert im.size == ((3 * 9 + 1) * 4,) * 2  # 3x3 tiles of 8x8, 1-pixel padding, shown at 4x
+        assert im.size == ((3 * 9 + 1) * 12,) * 2  # 3x3 tiles of 8x8, 1-pixel padding, shown at 12x
     with Image.open(tmp_path / "each" / "sample-0000.png") as im:
         assert im.size == (8, 8)
     bad = runner.invoke(app, ["sample", w, "--class", "eleven", "-o", str(tmp_path / "x.png")])
@@ -83,7 +83,7 @@ def test_sample_reconstruct(tiny_run, runner, tmp_path):
     res = runner.invoke(app, ["sample", w, "--reconstruct", "-n", "4", "-o", str(tmp_path / "r.png")])
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "r.png") as im:
-        assert im.size == ((4 * 9 + 1) * 4, (2 * 9 + 1) * 4)  # 2 rows of (input, reconstruction) x 2
+        assert im.size == ((4 * 9 + 1) * 12, (2 * 9 + 1) * 12)  # 2 rows of (input, reconstruction) x 2, 12x
     img = write(tmp_path / "in" / "a.png", "RGB", (40, 31))
     res = runner.invoke(app, ["sample", w, "--reconstruct", "--images", str(img), "-o", str(tmp_path / "s.png")])
     assert res.exit_code == 0, res.output

@@ -47,3 +47,23 @@ def test_two_process_resume(tmp_path):
     done = _torchrun(tmp_path, "--name", "r", "--resume", "epochs=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stderr and len(set(json.loads(done.stdout)["rank_checksums"])) == 1
+
+
+def test_two_processes_report_the_same_scale_of_training_loss_as_one(tmp_path):
+    """metrics.csv's train_* columns are means over the epoch's images whatever the number of processes (each
+    rank once added its loss times the global batch, so 2 processes reported about twice the loss)."""
+    import csv
+
+    two = _torchrun(tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vae_cli", "train", str(TINY), "--out", str(tmp_path / "one"),
+                          "--device", "cpu", "--precision", "fp32", "--json", "data.train_limit=null", "epochs=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def losses(run: Path) -> list[float]:
+        with open(run / "tiny" / "metrics.csv", newline="") as f:
+            return [float(r["train_loss"]) for r in csv.DictReader(f)]
+
+    for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
+        assert 0.8 < b / a < 1.25, (a, b)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vae_cli.artifacts import checkpoint
-from vae_cli.core.recipe import ModelConfig
+from vae_cli.core.recipe import ModelConfig, model_keys
 from vae_cli.models import REGISTRY, build_model, losses
 from vae_cli.models.base import Batch
 from vae_cli.models.likelihoods import LIKELIHOODS
@@ -49,7 +49,7 @@ def test_shapes_loss_backward(name, shape, likelihood):
         assert col is None or (col.shape == (5,) and (col <= 0).all())
     if hasattr(model, "rotation_head"):
         assert torch.isfinite(terms["rotation"])
-    assert model.has_colour_head == (name == "m2" and shape[0] == 3 and len(shape) == 3)
+    assert model.has_colour_head == (name in ("m2", "m2h") and shape[0] == 3 and len(shape) == 3)
     if model.has_colour_head:
         assert torch.isfinite(terms["colour_order"])
 
@@ -125,8 +125,9 @@ def test_likelihoods_match_torch_distributions():
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
     from vae_cli.core.recipe import Recipe
 
-    recipe = Recipe().replace(**{"model.name": name, "model.latent_dim": 4, "model.width": 8, "model.hidden": 32,
-                                 "model.rotation": 1.0, "model.test_flip": True})
+    wanted = {"latent_dim": 4, "width": 8, "hidden": 32, "rotation": 1.0, "test_flip": True}
+    reads = set(model_keys(name))  # a recipe may set only what the model reads
+    recipe = Recipe().replace(**{"model.name": name, **{f"model.{k}": v for k, v in wanted.items() if k in reads}})
     model = build_model(recipe.model, (1, 8, 8), 10).eval()
     with torch.no_grad():
         for b in model.buffers():  # buffers must travel too
@@ -279,7 +280,7 @@ def test_evaluation_interface(name, likelihood):
         elbo = -(parts["recon"] + parts["kl"])
         assert torch.allclose(one, elbo, rtol=0.05, atol=1.0), (one, elbo)
         z = model.latent_means(x)
-        assert z.shape == (3, 4)
+        assert z.shape == (3, model.latent_size)
         assert model.decode_latents(z).shape == (3, 1, 8, 8)
         row = interpolation(model, x[:2], x[1:], steps=5)
         assert row.shape == (2 * 7, 1, 8, 8) and torch.equal(row[0], x[0]) and torch.equal(row[6], x[1])

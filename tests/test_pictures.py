@@ -18,7 +18,7 @@ from vae_cli.cli import app
 
 PICTURES = ["samples.png", "samples-by-class.png", "reconstructions.png", "interpolation.png", "latent-map.png",
             "curves.png", "confusion.png"]
-SCALE, TILE = 4, 8 + 1  # 8x8 digits enlarged 4x; grids have 1 pixel of padding per tile
+SCALE, TILE = 12, 8 + 1  # 8x8 digits enlarged 12x (tiles of ~96 pixels); 1 pixel of padding per tile
 PAD = 128  # make_grid's pad value 0.5
 
 

@@ -68,8 +68,8 @@ def test_completion_of_recipes_keys_and_values():
     assert {"cifar10-4000-labels", "cifar10"} <= set(_complete("vae train cif"))
     keys = _complete("vae train tiny model.l")
     assert "model.latent_dim=" in keys and "model.likelihood=" in keys
-    assert set(_complete("vae train tiny model.name=")) == {"model.name=iwae", "model.name=m1m2", "model.name=m2",
-                                                          "model.name=vae"}
+    assert set(_complete("vae train tiny model.name=")) == {"model.name=hvae", "model.name=iwae", "model.name=m1m2",
+                                                          "model.name=m2", "model.name=m2h", "model.name=vae"}
     assert _complete("vae train tiny train.precision=b") == ["train.precision=bf16"]
     assert "--install-completion" in subprocess.run([sys.executable, "-m", "vae_cli", "--help"], capture_output=True,
                                                     text=True).stdout

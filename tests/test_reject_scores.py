@@ -70,7 +70,7 @@ def test_confidence_does_not_saturate():
 
 
 # the scores a model without the self-supervised heads has (tests/test_rotation.py covers those)
-DIGIT_SCORES = [n for n in reject.SCORES.names() if n not in ("rotation", "colour")]  # grey, no heads
+DIGIT_SCORES = [n for n in reject.SCORES.names() if n not in ("rotation", "colour", "ratio")]  # no heads, no hierarchy
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def sets(tmp_path_factory, digits_run):
 def test_calibration_holds_every_score_per_image(digits_run):
     cal = read_metadata(digits_run / "model.safetensors")["reject"]
     assert cal["score"] == "combined"  # the recipe default
-    assert set(cal["components"]) == set(reject.BASE) - {"rotation", "colour"}  # a plain VAE: no heads
+    assert set(cal["components"]) == set(reject.BASE) - {"rotation", "colour", "ratio"}  # a plain VAE: no heads
     assert cal["knn_k"] == 1  # 143 held-out images: k = n / 100, at least 1
     assert all(len(v) == cal["holdout_images"] for v in cal["components"].values())
     assert set(cal["test_reject_rates"]) == set(DIGIT_SCORES)

@@ -63,7 +63,7 @@ class Model:
 
     @property
     def latent_dim(self) -> int:
-        return int(self.meta["recipe_obj"].model.latent_dim)
+        return int(self.net.latent_size)
 
     def load_images(self, paths: Iterable[str | Path]) -> Tensor:
         """Image files, folders and globs -> (N, C, H, W) in the model's input format (ImageError if one is bad)."""

@@ -64,7 +64,7 @@ class Decoder(nn.Module):
 
 def decoder_takes_class(model) -> bool:
     """Whether the model's decoder reads a class (M2 does; a VAE's and M1+M2's decode z alone)."""
-    z = torch.zeros(1, model.cfg.latent_dim, device=model.device)
+    z = torch.zeros(1, model.latent_size, device=model.device)
     with torch.no_grad():
         a = model.decode_latents(z, torch.zeros(1, dtype=torch.long, device=model.device))
         b = model.decode_latents(z, torch.ones(1, dtype=torch.long, device=model.device) % model.num_classes)
@@ -79,14 +79,14 @@ def wrapped(model, part: str) -> tuple[nn.Module, tuple[Tensor, ...], list[str],
         return Classifier(model), (image,), ["image"], ["probs"]
     if part == "encoder":
         return Encoder(model), (image,), ["image"], ["mean", "logvar"]
-    z = torch.randn(2, model.cfg.latent_dim)
+    z = torch.randn(2, model.latent_size)
     if decoder_takes_class(model):
         y = torch.eye(model.num_classes)[:2]
         return Decoder(model, True), (z, y), ["z", "y"], ["image"]
     return Decoder(model, False), (z,), ["z"], ["image"]
 
 
-def describe(meta: dict, part: str, inputs: list[str], outputs: list[str]) -> dict[str, str]:
+def describe(meta: dict, part: str, inputs: list[str], outputs: list[str], latent_dim: int) -> dict[str, str]:
     pre = meta["preprocess"]
     c, h, w = meta["image_shape"]
     mode = {1: "grey (L)", 3: "RGB"}.get(c, f"{c} channels")
@@ -94,7 +94,7 @@ def describe(meta: dict, part: str, inputs: list[str], outputs: list[str]) -> di
     return {"part": part, "inputs": ",".join(inputs), "outputs": ",".join(outputs), "channels": str(c),
             "height": str(h), "width": str(w), "value_range": json.dumps(pre.get("range", [0.0, 1.0])),
             "binarize": json.dumps(bool(pre.get("binarize"))), "classes": json.dumps(meta["classes"]),
-            "latent_dim": str(meta["recipe_obj"].model.latent_dim), "model": meta.get("model", ""),
+            "latent_dim": str(latent_dim), "model": meta.get("model", ""),
             "vae_version": __version__,
             "preprocess": f"decode the image, convert to {mode}, resize to {w}x{h} (width x height), scale pixel "
                           f"values to [0, 1] (value / 255), layout N,C,H,W float32{binarised}"}
@@ -106,7 +106,7 @@ def export(model, meta: dict, part: str, fmt: str, path: Path) -> dict:
         raise UsageError(f"--part must be one of {', '.join(PARTS)}, got '{part}'")
     model = model.to("cpu").eval().requires_grad_(False)  # outputs of the file then need no .detach()
     module, example, inputs, outputs = wrapped(model, part)
-    info = describe(meta, part, inputs, outputs)
+    info = describe(meta, part, inputs, outputs, model.latent_size)
     if fmt == "onnx":
         data = _onnx_bytes(module, example, inputs, outputs, info)
     elif fmt == "torchscript":

@@ -19,7 +19,7 @@ from vae_cli.artifacts.rundir import PICTURES, RunDir
 from vae_cli.core import fsutil
 from vae_cli.core.recipe import Recipe
 from vae_cli.core.runtime import Runtime, seeded
-from vae_cli.data import Dataset
+from vae_cli.data import Dataset, class_mixed
 from vae_cli.evaluation.catalog import describe_reject, summary_rows
 from vae_cli.evaluation.evaluate import latent_means
 
@@ -62,7 +62,7 @@ def _write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out: 
                                                 out.picture("samples"))
         written["samples_by_class"] = pictures.save_grid(pictures.class_samples(model, PER_CLASS),
                                                          out.picture("samples_by_class"), nrow=PER_CLASS)
-        xr = x[:RECON_IMAGES].to(rt.device)
+        xr = x[torch.from_numpy(class_mixed(y.numpy(), RECON_IMAGES))].to(rt.device)  # every class, not the first
         pairs = torch.stack([xr.float().cpu(), model.reconstruct(xr).float().cpu()], 1).flatten(0, 1)
         written["reconstructions"] = pictures.save_grid(pairs, out.picture("reconstructions"),
                                                         nrow=2 * max(1, int(len(xr) ** 0.5)))
@@ -71,8 +71,9 @@ def _write_run_pictures(model, data: Dataset, recipe: Recipe, rt: Runtime, out: 
         written["interpolation"] = pictures.save_grid(rows, out.picture("interpolation"), nrow=INTERP_STEPS + 2)
     method = latent_map or recipe.train.latent_map
     n = MAP_IMAGES[method]
-    z = latent_means(model, x[:n], rt).numpy()
-    written["latent_map"] = plots.latent_map(z, y[:n].numpy(), data.classes, out.picture("latent_map"), method)
+    pick = torch.from_numpy(class_mixed(y.numpy(), n))
+    z = latent_means(model, x[pick], rt).numpy()
+    written["latent_map"] = plots.latent_map(z, y[pick].numpy(), data.classes, out.picture("latent_map"), method)
     if metrics_csv is not None and Path(metrics_csv).is_file():
         written["curves"] = plots.training_curves(plots.read_metrics_csv(Path(metrics_csv)), out.picture("curves"),
                                                    accuracy=model.needs_labelled_batch)

@@ -41,7 +41,7 @@ class Precision(str, Enum):
 
 # The --reject scores, for help texts (written out: the registry lives beside torch, which --help must not import;
 # tests/test_reject_scores.py holds the two to the same names)
-SCORES_HELP = "likelihood | complexity | confidence | energy | knn | rotation | colour | combined"
+SCORES_HELP = "likelihood | complexity | confidence | energy | knn | rotation | colour | ratio | combined"
 
 
 class Format(str, Enum):

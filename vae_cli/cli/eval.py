@@ -46,7 +46,8 @@ def eval_(
     probe_labels: int | None = typer.Option(None, "--probe-labels", min=1,
                                             help="Fit a linear probe and a kNN vote on latent means with N "
                                                  "training labels per class."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images of the split."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate N images of the split: a fixed random "
+                                                                   "subset with every class about equally."),
     device: Device = typer.Option(Device.auto, "--device"),
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="fp32 (default: exact log-likelihoods) | bf16 | fp16 | auto."),
@@ -70,7 +71,13 @@ def eval_(
             "holdout": (data.holdout_x, data.holdout_y)}[split]
     if x is None:
         raise UsageError("this model's recipe holds no images out (data.holdout_fraction=0); use --split test")
-    x, y = (x[:limit], y[:limit]) if limit else (x, y)
+    if limit:  # a seeded random subset that holds every class about equally (folder splits are sorted by class)
+        import torch
+
+        from vae_cli.data import class_mixed
+
+        pick = torch.from_numpy(class_mixed(y.numpy(), limit))
+        x, y = x[pick], y[pick]
     r = meta["recipe_obj"]
     probe = _probe_set(data, probe_labels, r.seed) if probe_labels else None
     from vae_cli.core.console import Reporter

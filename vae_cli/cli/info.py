@@ -40,10 +40,12 @@ def info(
                 print(f"{n.ljust(width)}{v['summary']}")
         return
     if models:
+        from vae_cli.core.recipe import model_keys
         from vae_cli.models import REGISTRY
 
         for name, cls in sorted(REGISTRY.items()):
             print(f"{name}\t{(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+            print(f"\tkeys: {', '.join('model.' + k for k in model_keys(name) if k != 'name')}")
         return
     if weights is None:
         raise UsageError("give a weights file (vae info runs/NAME/model.safetensors), or --defaults / --models / "

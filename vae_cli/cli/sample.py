@@ -82,7 +82,10 @@ def _reconstruction_inputs(meta: dict, images: list[Path] | None, n: int):
         from vae_cli.data.images import load_for_model
 
         return load_for_model(images, meta)
-    from vae_cli.data import build_dataset
+    import torch
+
+    from vae_cli.data import build_dataset, class_mixed
 
     r = meta["recipe_obj"]
-    return build_dataset(r.data, r.seed, read_only=True).test_x[:n]
+    data = build_dataset(r.data, r.seed, read_only=True)
+    return data.test_x[torch.from_numpy(class_mixed(data.test_y.numpy(), n))]  # every class, seeded

@@ -83,8 +83,18 @@ class ModelConfig:
     width: int = key(32, "channels of the first conv layer; doubles at each downsampling (conv backbones only)",
                      min=1, max=1024)
     hidden: int = key(256, "units of the fully connected layer between conv stack and latent", min=1)
-    likelihood: str = key("bernoulli", "p(x|z) (bernoulli: logits, images in [0,1]; gaussian: learned scale)",
+    likelihood: str = key("bernoulli", "p(x|z) (bernoulli: logits, images in [0,1]; gaussian: learned scale; "
+                                       "logistic / logistic_mixture: the probability of the 8-bit file)",
                           registry="vae_cli.models.likelihoods:LIKELIHOODS")
+    mixtures: int = key(10, "logistic_mixture: components per pixel (PixelCNN++ uses 10)", min=1, max=64)
+    latent_channels: int = key(8, "hvae, m2h: channels of each latent group (one z per pixel of its resolution)",
+                               min=1, max=256)
+    depth: int = key(2, "hvae, m2h: latent groups per resolution on the top-down path", min=1, max=32)
+    decoder_width: int | None = key(None, "m2h: channels of the hierarchical decoder's ladder (null: model.width, "
+                                          "which sizes the classifier's trunk)", min=1, max=1024)
+    latent_levels: int = key(3, "hvae, m2h: resolutions that carry latent groups, the coarsest first (the image's own "
+                                "resolution never does: the latents must summarise, not copy, the pixels)",
+                             min=1, max=4)
     beta: float = key(1.0, "weight of the KL term (beta-VAE; 1 = the ELBO)", min=0.0)
     head_hidden: int = key(256, "hidden units of the classifier head (0: linear softmax)", min=0)
     alpha: float = key(1.0, "M2: weight of the labelled cross-entropy, per labelled image (Kingma et al. "
@@ -137,6 +147,8 @@ class TrainConfig:
                           "numbers and as the saved model (0: off; 0.999 for runs of thousands of steps)", min=0.0,
                      max=0.99999)
     grad_clip: float = key(10.0, "clip the global gradient norm to this (0: off)", min=0.0)
+    grad_skip: float = key(0.0, "skip an update whose gradient norm (before clipping) exceeds this (0: off; VDVAE's "
+                                "guard against the rare huge KL gradients of deep hierarchies)", min=0.0)
     head_steps: int = key(600, "optimisation steps of the latent classifier after VAE training", min=0)
     device: str = key("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     precision: str = key("auto", "auto | fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)",
@@ -310,6 +322,7 @@ def from_dict(raw: Any) -> Recipe:
         raise RecipeError("set only one of 'data.labels_per_class' and 'data.labeled_fraction' "
                           "(remove the other, or set it to null)")
     m = recipe.model
+    _refuse_unread_model_keys(m)
     nets = registry_of(_fields(ModelConfig)["backbone"].metadata["registry"])
     if m.width != ModelConfig.width and not any(nets.get(n).uses_width for n in {m.backbone, m.decoder or m.backbone}):
         raise RecipeError(f"model.width={m.width} does not apply to the {m.backbone} backbone (it has no channels); "
@@ -321,6 +334,26 @@ def from_dict(raw: Any) -> Recipe:
         raise RecipeError(f"train.augment_crop shifts by whole pixels; set train.augment_shift to a whole number "
                           f"(not {recipe.train.augment_shift:g}) or train.augment_crop=false")
     return recipe
+
+
+def model_keys(name: str) -> list[str]:
+    """The `model.*` keys model `name` reads (its class's `reads`), in schema order."""
+    reads = set(registry_of(_fields(ModelConfig)["name"].metadata["registry"]).get(name).reads) | {"name"}
+    return [f for f in _fields(ModelConfig) if f in reads]
+
+
+def _refuse_unread_model_keys(m: ModelConfig) -> None:
+    """A key the chosen model does not read, set to anything but its default, is a mistake the run would hide
+    (pythae's per-model configs refuse it the same way)."""
+    reads = set(model_keys(m.name))
+    if m.likelihood != "logistic_mixture":
+        reads.discard("mixtures")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in reads and getattr(m, f.name) != f.default:
+            why = ("model.mixtures is read only by model.likelihood=logistic_mixture" if f.name == "mixtures"
+                   else f"model '{m.name}' does not read model.{f.name} (it reads "
+                        f"{', '.join(sorted(reads - {'name'}))})")
+            raise RecipeError(f"{why}; remove model.{f.name}={getattr(m, f.name)!r} or pick a model that reads it")
 
 
 def all_keys_of(section: str) -> list[str]:

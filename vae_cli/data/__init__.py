@@ -10,6 +10,7 @@ from vae_cli.data.base import (
     SPLIT_SEED,
     Dataset,
     build_dataset,
+    class_mixed,
     conform,
     labelled_subset,
     register_dataset,
@@ -20,5 +21,5 @@ from vae_cli.data.base import (
 # Importing a dataset module registers it.
 from vae_cli.data import digits, folder, torchvision_sets  # noqa: E402,F401  isort: skip
 
-__all__ = ["DATASETS", "LEVELS", "SPLIT_SEED", "Dataset", "build_dataset", "conform", "labelled_subset",
+__all__ = ["DATASETS", "LEVELS", "SPLIT_SEED", "Dataset", "build_dataset", "class_mixed", "conform", "labelled_subset",
            "register_dataset", "stratified_split", "take_rows"]

@@ -82,6 +82,23 @@ def labelled_subset(y: np.ndarray, per_class: int | None, fraction: float | None
     return np.sort(np.concatenate(chosen))
 
 
+def class_mixed(y: np.ndarray, n: int | None = None, seed: int = SPLIT_SEED) -> np.ndarray:
+    """`n` indices (all when None) in a seeded random order that deals the classes out in turn: every prefix
+    holds each class about equally (folder test sets are sorted by class, so their first images are all one
+    class). What pictures show and what `vae eval --limit N` evaluates; the same images whatever the run's seed."""
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(len(y))
+    rank = np.empty(len(y), np.int64)
+    for c in np.unique(y):
+        mine = order[y[order] == c]
+        rank[mine] = np.arange(len(mine))
+    # by rank within the class, ties broken by the random order: round after round of one image per class
+    pos = np.empty(len(y), np.int64)
+    pos[order] = np.arange(len(y))
+    mixed = np.lexsort((pos, rank))
+    return mixed if n is None else mixed[:n]
+
+
 def conform(x: np.ndarray, cfg) -> np.ndarray:
     """Apply data.channels (ITU-R 601 luminance, as Pillow's "L"; or grey repeated) and data.image_size."""
     if cfg.channels == 1 and x.shape[1] == 3:

@@ -96,7 +96,7 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
         raise VaeError(f"the {d.world} processes ended with different weights (checksums {checksums}); "
                        f"this is a bug, please report it with the recipe")
     metrics = evaluate(model, data.test_x, data.test_y, data.classes, rt)
-    summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n")}
+    summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n", "recon_accuracy", "sample_accuracy")}
     summary["train_seconds"] = round(seconds, 2)
     result = TrainResult(run, rt.device.type, rt.precision, len(rows), d.world, d.rank, checksums,
                          round(seconds, 2), metrics, cpu=cpu_budget().as_dict())

@@ -254,14 +254,32 @@ class Loop:
             return None
         self.skipped_in_a_row = 0
         self.scaler.scale(loss).backward()
-        if tc.grad_clip > 0:
+        skipped = False
+        if tc.grad_clip > 0 or tc.grad_skip > 0:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.scaler.step(self.opt)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+            skipped = self._skip_update(float(norm))
+        if not skipped:
+            self.scaler.step(self.opt)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model, self.progress.step)
-        return {"kl_weight": kl_weight, **{k: v.item() for k, v in terms.items()}}
+        extra = {"grad_skipped": float(skipped)} if tc.grad_skip > 0 else {}
+        return {"kl_weight": kl_weight, **{k: v.item() for k, v in terms.items()}, **extra}
+
+    def _skip_update(self, norm: float) -> bool:
+        """train.grad_skip: whether this update's gradient norm is more than grad_skip times the moving average
+        of the accepted ones (after 50 steps of history). VDVAE (Child 2021, section 5) skips updates whose norm
+        passes a fixed threshold: the rare huge KL gradients of a deep hierarchy otherwise undo hours of
+        training. A multiple of the running norm needs no tuning to the loss's scale (nats per image grow with
+        the image). The average travels in the resumable state, so a resumed run skips the same steps."""
+        p, tc = self.progress, self.recipe.train
+        if not math.isfinite(norm):
+            return True
+        if tc.grad_skip > 0 and p.step >= 50 and norm > tc.grad_skip * p.grad_norm_avg:
+            return True
+        p.grad_norm_avg = norm if p.step == 0 or p.grad_norm_avg == 0 else 0.99 * p.grad_norm_avg + 0.01 * norm
+        return False
 
     def run(self) -> list[dict]:
         p = self.progress
@@ -333,7 +351,6 @@ class Loop:
         ahead = self.x.batches([s.cpu().numpy() for s in shards]) if is_lazy(self.x) else None
         for i, mine in zip(steps, shards):
             self._stop_if_signalled(flag)
-            idx = self.perm[i * self.bs:(i + 1) * self.bs]
             terms = self._step(mine, next(ahead) if ahead is not None else None)
             self.sched.step()
             if (budget := recheck_cpu_budget()) is not None:  # another vae job started or ended
@@ -341,8 +358,8 @@ class Loop:
             p.step += 1
             p.step_in_epoch = i + 1
             if terms is not None:
-                for k, v in terms.items():
-                    p.sums[k] = p.sums.get(k, 0.0) + v * len(idx)
+                for k, v in terms.items():  # this rank's share; the ranks' sums are added at the epoch's end
+                    p.sums[k] = p.sums.get(k, 0.0) + v * len(mine)
                 self.reporter.step(1, f"loss {terms['loss']:.2f}")
             if tc.checkpoint_every and p.step % tc.checkpoint_every == 0:
                 p.epoch_seconds += time.perf_counter() - t0
@@ -357,7 +374,7 @@ class Loop:
             t_eval = time.perf_counter()
             with self.ema.applied(self.model) if self.ema is not None else nullcontext():
                 test = evaluate(self.model, self.data.test_x[self.epoch_eval], self.data.test_y[self.epoch_eval],
-                                self.data.classes, rt)
+                                self.data.classes, rt, generative=False)
             p.eval_seconds = time.perf_counter() - t_eval
             p.spent_seconds += p.eval_seconds
         n = len(self.x)

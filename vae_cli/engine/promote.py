@@ -27,7 +27,7 @@ def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Run
             raise CheckpointError(f"cannot compare with '{target}': it predicts {len(old_meta['classes'])} classes "
                                   f"on {old_meta['image_shape']} images, the new model {len(new_meta['classes'])} "
                                   f"on {new_meta['image_shape']}; promote to another path")
-        old_score = evaluate(old_model, data.test_x, data.test_y, data.classes, rt)[metric]
+        old_score = evaluate(old_model, data.test_x, data.test_y, data.classes, rt, generative=False)[metric]
     promoted = old_score is None or new_score > old_score
     if promoted:
         fsutil.write_with(target, lambda tmp: shutil.copyfile(new_weights, tmp))

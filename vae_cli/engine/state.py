@@ -39,6 +39,7 @@ class Progress:
     spent_seconds: float = 0.0  # finished epochs' wall time, each with its evaluation (train.minutes)
     eval_seconds: float = 0.0  # the last per-epoch test evaluation's wall time (plans train.eval_every > 1)
     planned_epochs: int = 0  # the schedule's length in epochs as last planned (train.minutes); 0: train.epochs
+    grad_norm_avg: float = 0.0  # moving average of accepted updates' gradient norms (train.grad_skip)
 
 
 def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -23,6 +23,11 @@ def _num(key: str, spec: str) -> Callable[[dict], str]:
     return lambda s: format(s[key], spec)
 
 
+def _opt(key: str) -> Callable[[dict], str]:
+    """A share that may be null (the model cannot give it)."""
+    return lambda s: "n/a" if s[key] is None else format(s[key], ".4f")
+
+
 METRICS: list[Metric] = [
     Metric("weights"),
     Metric("split"),
@@ -31,6 +36,8 @@ METRICS: list[Metric] = [
     Metric("accuracy", label="accuracy", show=_num("accuracy", ".4f")),
     Metric("macro_f1", label="macro F1", show=_num("macro_f1", ".4f")),
     Metric("ece", label="expected calibration error", show=_num("ece", ".4f")),
+    Metric("recon_accuracy", label="accuracy on reconstructions", show=_opt("recon_accuracy")),
+    Metric("sample_accuracy", label="accuracy of class-conditional samples", show=_opt("sample_accuracy")),
     Metric("elbo", label="ELBO (nats/image)", show=_num("elbo", ".3f")),
     Metric("recon", label="reconstruction -log p(x|z)", show=_num("recon", ".3f")),
     Metric("kl", label="KL(q(z|x) || p(z))", show=_num("kl", ".3f")),

@@ -88,12 +88,59 @@ def log_likelihood(model, x: Tensor, k: int, levels: int | None, runtime: Runtim
     return torch.cat(out) if out else torch.empty(0)
 
 
+SAMPLES_PER_CLASS = 100  # class-conditional samples per class behind `sample_accuracy`
+
+
+@torch.no_grad()
+def generative_accuracy(model, x: Tensor, y: Tensor, runtime: Runtime, batch_size: int = 512, seed: int = 0,
+                        per_class: int = SAMPLES_PER_CLASS) -> dict[str, float | None]:
+    """Whether the model's pictures keep their class, judged by the model's own classifier (no downloaded
+    network): `recon_accuracy`, its predictions on reconstructions of x against x's labels (a blur keeps no
+    class); `sample_accuracy`, on `per_class` samples of each class drawn at temperature 1 against the class
+    asked for (the Classification Accuracy Score idea, Ravuri & Vinyals 2019, turned around: the data's
+    classifier judges the samples). None where the model has no classifier or no class-conditional sampling."""
+    out: dict[str, float | None] = {"recon_accuracy": None, "sample_accuracy": None}
+    if not model.has_classifier or len(x) == 0:
+        return out
+    model.eval()
+    with seeded(seed, runtime.device):
+        recon = _batched(lambda xb: model.class_probs(model.reconstruct(xb).float()).argmax(1), x, runtime,
+                         batch_size)
+        out["recon_accuracy"] = (torch.cat(recon).long() == y.cpu()).float().mean().item()
+        if model.class_conditional:
+            wanted = torch.arange(model.num_classes).repeat_interleave(per_class)
+            got = []
+            for yb in wanted.split(batch_size):
+                with runtime.autocast():
+                    pics = model.sample(len(yb), yb.to(runtime.device)).float()
+                    got.append(model.class_probs(pics).argmax(1).cpu())
+            out["sample_accuracy"] = (torch.cat(got) == wanted).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def level_ratio(model, x: Tensor, k: int, runtime: Runtime, batch_size: int = 256, seed: int = 0) -> Tensor | None:
+    """`Model.level_ratio` per image (float64, on the CPU), or None for a model without a hierarchy."""
+    if not model.has_hierarchy:
+        return None
+    model.eval()
+    out = []
+    with seeded(seed, runtime.device):
+        for xb in x.split(batch_size):
+            xb = xb.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                out.append(model.level_ratio(xb, k).double().cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
 @torch.no_grad()
 def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, *, batch_size: int = 512,
              seed: int = 0, iw_samples: int = 0, levels: int | None = None,
-             probe: tuple[Tensor, Tensor] | None = None, progress: Callable[[int], None] | None = None) -> dict:
+             probe: tuple[Tensor, Tensor] | None = None, progress: Callable[[int], None] | None = None,
+             generative: bool = True) -> dict:
     """All numbers for one split. `iw_samples` > 0 adds the IWAE negative log-likelihood; `probe`, the
-    labelled training images (x, y) to fit a linear probe and a kNN vote on latent means."""
+    labelled training images (x, y) to fit a linear probe and a kNN vote on latent means; `generative`, the
+    classes kept by reconstructions and samples (`generative_accuracy`; the per-epoch numbers leave them out)."""
     model.eval()
     recon, kl, probs, means = [], [], [], []
     with seeded(seed, runtime.device):
@@ -110,7 +157,9 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, 
     y_np = y.cpu().numpy()
     res = {"n": len(x), "elbo": -(recon_t + kl_t).mean().item(), "recon": recon_t.mean().item(),
            "kl": kl_t.mean().item(), "latent_dim": means_t.shape[1], "active_units": metrics.active_units(means_t),
-           **metrics.classification(torch.cat(probs).numpy(), y_np, classes), "nll": None, "probe": None}
+           **metrics.classification(torch.cat(probs).numpy(), y_np, classes), "nll": None, "probe": None,
+           **(generative_accuracy(model, x, y, runtime, batch_size, seed + 2) if generative
+              else {"recon_accuracy": None, "sample_accuracy": None})}
     if iw_samples > 0:
         ll = log_likelihood(model, x, iw_samples, levels, runtime, seed=seed + 1, progress=progress)
         nats = -ll.mean().item()

@@ -21,4 +21,4 @@ def build_model(cfg, image_shape: tuple[int, int, int], num_classes: int) -> Mod
 
 
 # Importing a model module registers it.
-from vae_cli.models import m1m2, m2, vae  # noqa: E402,F401
+from vae_cli.models import hvae, m1m2, m2, m2h, vae  # noqa: E402,F401

@@ -31,6 +31,13 @@ class Model(nn.Module):
     registry_name = "?"
     # Whether loss() reads batch.x_lab/y_lab; the loop skips drawing (and augmenting) them otherwise.
     needs_labelled_batch = True
+    # Whether predict_logits is a classifier, and whether sample(n, y) draws images of class y: what
+    # `recon_accuracy` and `sample_accuracy` (evaluation/evaluate.py) need; a model without says False.
+    has_classifier = True
+    class_conditional = True
+    # The `model.*` recipe keys this model reads (besides `name`); a recipe that sets another one to a value
+    # other than its default is refused (core/recipe.py), never silently ignored. `vae info --models` lists them.
+    reads: tuple[str, ...] = ()
 
     def __init__(self, cfg, image_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
@@ -128,6 +135,16 @@ class Model(nn.Module):
         """(B,) log p(x has its true colours) from a self-supervised colour-order head; None without one."""
         return None
 
+    @property
+    def has_hierarchy(self) -> bool:
+        """Whether `level_ratio` has latent levels to compare (only the hierarchical VAE)."""
+        return False
+
+    def level_ratio(self, x: Tensor, k: int) -> Tensor | None:
+        """(B,) the likelihood ratio between a hierarchical model's top levels and the whole of it (Havtorn et
+        al. 2021); None for a model with one level of latents."""
+        return None
+
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """n images in [0, 1]; class-conditional when y is given."""
         raise NotImplementedError
@@ -135,6 +152,12 @@ class Model(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Images in [0, 1] decoded from the posterior mean of x."""
         raise NotImplementedError
+
+    @property
+    def latent_size(self) -> int:
+        """Dimensions of `latent_means` / `latent_posterior` (the recipe's `model.latent_dim` unless the model
+        says otherwise: a hierarchical model's code is its coarsest latent groups)."""
+        return self.cfg.latent_dim
 
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,11 @@ class Bernoulli(nn.Module):
 
     discretised = False  # a probability of the file only for binary images
 
+    @staticmethod
+    def out_channels(channels: int, cfg) -> int:
+        """Decoder output channels per image channel count: one parameter per pixel value."""
+        return channels
+
     def nll(self, out: Tensor, x: Tensor, levels: int | None = None) -> Tensor:
         # Binary images are already discrete; on grey images this is the usual relaxation (`levels` unused).
         return losses.bernoulli_nll(out, x)
@@ -27,6 +32,7 @@ class Gaussian(nn.Module):
     deviation. With `vector=True` (M1+M2's latent codes): identity mean and one scale per dimension."""
 
     discretised = True  # with `levels`, the probability of each pixel's bin
+    out_channels = Bernoulli.out_channels
 
     def __init__(self, dims: int = 1, vector: bool = False) -> None:
         super().__init__()
@@ -53,6 +59,7 @@ class Logistic(nn.Module):
 
     discretised = True
     LEVELS = 256  # training data is 8-bit unless the dataset says otherwise (`levels`)
+    out_channels = Bernoulli.out_channels
 
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
@@ -66,15 +73,73 @@ class Logistic(nn.Module):
         return torch.sigmoid(out.float())
 
 
+class LogisticMixture(nn.Module):
+    """Decoder output = per pixel, `model.mixtures` components each with a weight, a mean and a log-scale per
+    channel and, for colour, three coupling coefficients (green on red, blue on red and green): the discretised
+    logistic mixture of PixelCNN++ (Salimans et al. 2017), the likelihood of VDVAE and NVAE. One component can
+    be a sharp edge's two sides or a colour, where one logistic per channel has to blur both; the coupling
+    lets it model colours rather than three independent channels. A probability of the 8-bit file, as
+    `logistic` is."""
+
+    discretised = True
+    LEVELS = Logistic.LEVELS
+
+    def __init__(self, channels: int = 3, mixtures: int = 10) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"logistic_mixture models grey or RGB images, not {channels} channels")
+        self.c, self.m = channels, mixtures
+
+    @staticmethod
+    def out_channels(channels: int, cfg) -> int:
+        return cfg.mixtures * (1 + 2 * channels + (3 if channels == 3 else 0))
+
+    def _split(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(logit_pi (B,M,H,W), means, log_scales (B,M,C,H,W), coeffs (B,M,3,H,W) or None) from the output."""
+        b, _, h, w = out.shape
+        out = out.float().contiguous()  # NCHW: the channel slices below are then plain views
+        m, c = self.m, self.c
+        # split, not slices: a slice's backward fills a zero tensor the output's size for every piece
+        logit_pi, rest = out.split([m, out.shape[1] - m], 1)
+        k = 3 if c == 3 else 0
+        means, log_scales, coeffs = rest.reshape(b, m, 2 * c + k, h, w).split([c, c, k], 2)
+        # the means start near mid-grey; log-scales are bounded below as in PixelCNN++ (a bin is 1/255 wide)
+        return logit_pi, means + 0.5, log_scales.clamp(min=-7.0), torch.tanh(coeffs) if k else None
+
+    def nll(self, out: Tensor, x: Tensor, levels: int | None = None) -> Tensor:
+        logit_pi, means, log_scales, coeffs = self._split(out)
+        return losses.discretized_mixture_nll(logit_pi, means, log_scales, coeffs, x, levels or self.LEVELS)
+
+    def mean(self, out: Tensor) -> Tensor:
+        """The expected image: each channel's mixture mean, green and blue coupled to the expected red/green."""
+        logit_pi, means, _, coeffs = self._split(out)
+        pi = torch.softmax(logit_pi, 1)[:, :, None]  # (B, M, 1, H, W)
+        if coeffs is None:
+            return (pi * means).sum(1).clamp(0, 1)
+        r = (pi[:, :, 0] * means[:, :, 0]).sum(1, keepdim=True).clamp(0, 1)
+        g = (pi[:, :, 0] * (means[:, :, 1] + coeffs[:, :, 0] * r)).sum(1, keepdim=True).clamp(0, 1)
+        b = (pi[:, :, 0] * (means[:, :, 2] + coeffs[:, :, 1] * r + coeffs[:, :, 2] * g)).sum(1, keepdim=True)
+        return torch.cat([r, g, b.clamp(0, 1)], 1)
+
+
 LIKELIHOODS: Registry[type[nn.Module]] = Registry("likelihood", "model.likelihood")
 LIKELIHOODS.add("bernoulli", Bernoulli)
 LIKELIHOODS.add("gaussian", Gaussian)
 LIKELIHOODS.add("logistic", Logistic)
+LIKELIHOODS.add("logistic_mixture", LogisticMixture)
 
 
-def make_likelihood(name: str, shape: tuple[int, ...]) -> nn.Module:
-    """The recipe's likelihood for images; a per-dimension Gaussian for vector inputs."""
+def make_likelihood(cfg, shape: tuple[int, ...]) -> nn.Module:
+    """The recipe's likelihood (`model.likelihood`) for images; a per-dimension Gaussian for vector inputs.
+    Its `out_channels(channels, cfg)` says how many channels the decoder must output."""
     if len(shape) != 3:
         return Gaussian(shape[0], vector=True)
-    cls = LIKELIHOODS.get(name)
-    return cls(shape[0]) if cls is Logistic else cls()
+    cls = LIKELIHOODS.get(cfg.likelihood)
+    if cls is Logistic:
+        return cls(shape[0])
+    return cls(shape[0], cfg.mixtures) if cls is LogisticMixture else cls()
+
+
+def decoder_channels(cfg, shape: tuple[int, ...]) -> int | None:
+    """The decoder's output channels for the recipe's likelihood (None for vector inputs: one per dimension)."""
+    return LIKELIHOODS.get(cfg.likelihood).out_channels(shape[0], cfg) if len(shape) == 3 else None

@@ -21,6 +21,8 @@ from vae_cli.models.vae import VAE
 class M1M2(Model):
     """M2 on the latent codes of a VAE (M1), the paper's stacked model (Kingma et al. 2014)."""
 
+    reads = tuple(dict.fromkeys((*VAE.reads, *M2.reads)))  # both halves read the one model section
+
     def __init__(self, cfg, image_shape, num_classes):
         super().__init__(cfg, image_shape, num_classes)
         self.m1 = VAE(cfg, image_shape, num_classes)

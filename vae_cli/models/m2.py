@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from vae_cli.models import losses
 from vae_cli.models.base import Batch, Model
-from vae_cli.models.likelihoods import make_likelihood
+from vae_cli.models.likelihoods import decoder_channels, make_likelihood
 from vae_cli.models.nets import fp32, make_decoder, make_encoder, mlp, one_hot
 from vae_cli.models.registry import register
 
@@ -108,21 +108,30 @@ def strong_subset(conf: Tensor, mask: Tensor, at_least: int) -> Tensor:
 class M2(Model):
     """Semi-supervised VAE: classifier q(y|x), encoder q(z|x,y), decoder p(x|y,z) (Kingma et al. 2014)."""
 
+    reads = ("backbone", "decoder", "latent_dim", "width", "hidden", "likelihood", "mixtures", "beta", "head_hidden",
+             "dropout", "test_flip", "alpha", "consistency", "threshold", "unlabelled_elbo_images", "strong_all",
+             "align", "rotation", "colour_order")
+
     def __init__(self, cfg, image_shape, num_classes, input_shape: tuple[int, ...] | None = None):
         super().__init__(cfg, image_shape, num_classes)
         self.input_shape = tuple(input_shape or image_shape)  # M1+M2 feeds latent vectors instead
-        k, K = cfg.latent_dim, num_classes
+        K = num_classes
         self.trunk = make_encoder(self.input_shape, cfg)
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), mlp(self.trunk.out_dim, cfg.head_hidden, K))
-        self.z_head = mlp(self.trunk.out_dim + K, cfg.hidden, 2 * k)
-        self.decoder = make_decoder(self.input_shape, cfg, k + K)
-        self.likelihood = make_likelihood(cfg.likelihood, self.input_shape)
+        self._init_generator(cfg)
         if cfg.rotation > 0 and len(self.input_shape) == 3:  # which quarter turn (only 0/180 if not square)
             self.rotation_head = nn.Linear(self.trunk.out_dim, 4)
         if cfg.colour_order > 0 and len(self.input_shape) == 3 and self.input_shape[0] == 3:
             self.colour_head = nn.Linear(self.trunk.out_dim, len(CHANNEL_ORDERS))
         if cfg.align:  # running mean of q(y|x) on unlabelled batches, for distribution alignment
             self.register_buffer("q_mean", torch.full((K,), 1.0 / K))
+
+    def _init_generator(self, cfg) -> None:
+        """q(z|x,y) on the trunk's features and p(x|y,z): what a subclass with another decoder replaces."""
+        k, K = cfg.latent_dim, self.num_classes
+        self.z_head = mlp(self.trunk.out_dim + K, cfg.hidden, 2 * k)
+        self.decoder = make_decoder(self.input_shape, cfg, k + K, decoder_channels(cfg, self.input_shape))
+        self.likelihood = make_likelihood(cfg, self.input_shape)
 
     # --- the pieces -------------------------------------------------------------------------------
     def class_logits(self, h: Tensor) -> Tensor:
@@ -168,12 +177,9 @@ class M2(Model):
         if n < len(batch.x) and cfg.consistency > 0:
             with torch.no_grad():
                 q_all = torch.cat([q_all, F.softmax(self.class_logits(self.trunk(batch.x[n:])), 1)])
-        per_class = self._enumerate(batch.x[:n], h, kl_weight)
-        unlab = m2_unlabelled_bound(q, per_class["value"])
-
-        terms = {"loss": lab["value"].mean() + unlab.mean() + cfg.alpha * class_loss,
-                 "recon": (q.detach() * per_class["recon"]).sum(1).mean(),
-                 "kl": (q.detach() * per_class["kl"]).sum(1).mean(), "class_loss": class_loss}
+        unlab, recon, kl = self.unlabelled_bound(batch.x[:n], h, q, kl_weight)
+        terms = {"loss": lab["value"].mean() + unlab.mean() + cfg.alpha * class_loss, "recon": recon, "kl": kl,
+                 "class_loss": class_loss}
         if cfg.consistency > 0 and len(self.input_shape) == 3:
             conf, pseudo = self._pseudo_targets(q_all).max(1)
             mask = (conf >= cfg.threshold).float()
@@ -192,6 +198,13 @@ class M2(Model):
         if self.has_rotation_head or self.has_colour_head:
             terms.update(self._transform_tasks(torch.cat([batch.x_lab, batch.x[:n]]), terms["loss"]))
         return terms
+
+    def unlabelled_bound(self, x: Tensor, h: Tensor, q: Tensor, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(-U(x) per image, its reconstruction and KL terms' batch means) for unlabelled images: eq. 7, every
+        class enumerated through the decoder (K decoder passes per image)."""
+        per_class = self._enumerate(x, h, kl_weight)
+        unlab = m2_unlabelled_bound(q, per_class["value"])
+        return unlab, (q.detach() * per_class["recon"]).sum(1).mean(), (q.detach() * per_class["kl"]).sum(1).mean()
 
     def _transform_tasks(self, x: Tensor, loss: Tensor) -> dict[str, Tensor]:
         """The self-supervised tasks on the labelled images and those of the enumeration, in one trunk pass: with

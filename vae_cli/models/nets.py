@@ -259,9 +259,14 @@ def make_encoder(shape: tuple[int, ...], cfg) -> nn.Module:
     return BACKBONES.get(name).encoder(shape, cfg.width, cfg.hidden)
 
 
-def make_decoder(shape: tuple[int, ...], cfg, in_dim: int) -> nn.Module:
+def make_decoder(shape: tuple[int, ...], cfg, in_dim: int, out_channels: int | None = None) -> nn.Module:
+    """The recipe's decoder from codes of `in_dim` to `out_channels` maps of the image's size (the likelihood's
+    parameters per pixel; None: one per image channel)."""
     name = (cfg.decoder or cfg.backbone) if len(shape) == 3 else "mlp"
-    return BACKBONES.get(name).decoder(shape, cfg.width, cfg.hidden, in_dim)
+    if name == "mlp":  # the MLP decoder is sized by its output shape
+        out_shape = (out_channels or shape[0], *shape[1:]) if len(shape) == 3 else shape
+        return MLPDecoder(out_shape, cfg.width, cfg.hidden, in_dim)
+    return BACKBONES.get(name).decoder(shape, cfg.width, cfg.hidden, in_dim, out_channels)
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Module:

@@ -16,30 +16,82 @@ from torch import Tensor, nn
 
 from vae_cli.models import losses
 from vae_cli.models.base import Model
-from vae_cli.models.likelihoods import make_likelihood
+from vae_cli.models.likelihoods import decoder_channels, make_likelihood
 from vae_cli.models.nets import fp32, make_decoder, make_encoder, mlp
 from vae_cli.models.registry import register
 
 
+class M1Head:
+    """The M1 classifier (Kingma et al. 2014, section 3.1) over a model's `latent_posterior`: per-class
+    Gaussians over the latent means (class-conditional sampling) and a small head fitted on posterior draws of
+    the labelled images after training. Mixed into unsupervised models; the buffers travel in the weights file."""
+
+    def _init_m1(self, k: int, num_classes: int, head_hidden: int, dropout: float) -> None:
+        self.head = mlp(k, head_hidden, num_classes, dropout=dropout)
+        self.register_buffer("feat_mean", torch.zeros(k))
+        self.register_buffer("feat_std", torch.ones(k))
+        self.register_buffer("class_mu", torch.zeros(num_classes, k))
+        self.register_buffer("class_logvar", torch.zeros(num_classes, k))
+
+    def _features(self, z: Tensor) -> Tensor:
+        return (z - self.feat_mean) / self.feat_std
+
+    def fit_classifier(self, x, y, steps, batch_size):
+        with torch.no_grad():
+            self.eval()
+            mu, logvar = zip(*(self.latent_posterior(xb) for xb in x.split(1024)))
+            mu, logvar = torch.cat(mu).float(), torch.cat(logvar).float()
+            self.feat_mean.copy_(mu.mean(0))
+            self.feat_std.copy_(mu.std(0).clamp_min(1e-3) if len(mu) > 1 else torch.ones_like(mu[0]))
+            for c in range(self.num_classes):
+                sel = mu[y == c]
+                if len(sel):
+                    self.class_mu[c] = sel.mean(0)
+                    spread = sel.var(0, unbiased=False) + logvar[y == c].exp().mean(0)
+                    self.class_logvar[c] = spread.clamp_min(1e-6).log()
+        if steps == 0:
+            return {}
+        opt = torch.optim.AdamW(self.head.parameters(), lr=3e-3, weight_decay=1e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        self.head.train()
+        n, total = len(mu), 0.0
+        for step in range(steps):
+            idx = torch.randint(n, (min(batch_size, n),), device=mu.device)
+            z = losses.reparameterize(mu[idx], logvar[idx])
+            loss = F.cross_entropy(self.head(self._features(z)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total = loss.item() if step == steps - 1 else total
+        self.eval()
+        return {"head_loss": total}
+
+    def predict_logits(self, x):
+        return self.head(self._features(self.latent_means(x).float())).float()
+
+    def class_codes(self, y: Tensor, temperature: float) -> Tensor:
+        """Codes drawn from each class's Gaussian over the latent means, fitted on the labelled images."""
+        eps = torch.randn(len(y), self.class_mu.shape[1], device=self.class_mu.device) * temperature
+        return self.class_mu[y] + eps * torch.exp(0.5 * self.class_logvar[y])
+
+
 @register("vae")
-class VAE(Model):
+class VAE(M1Head, Model):
     """Convolutional Gaussian-latent VAE (Kingma & Welling 2014) with an M1 latent classifier."""
 
     needs_labelled_batch = False  # unsupervised; labels are used after the loop, by fit_classifier
+    reads = ("backbone", "decoder", "latent_dim", "width", "hidden", "likelihood", "mixtures", "beta",
+             "head_hidden", "dropout", "test_flip")
 
     def __init__(self, cfg, image_shape, num_classes):
         super().__init__(cfg, image_shape, num_classes)
         k = cfg.latent_dim
         self.encoder = make_encoder(image_shape, cfg)
         self.to_latent = nn.Linear(self.encoder.out_dim, 2 * k)  # -> (mu, logvar)
-        self.decoder = make_decoder(image_shape, cfg, k)
-        self.likelihood = make_likelihood(cfg.likelihood, self.image_shape)
-        self.head = mlp(k, cfg.head_hidden, num_classes, dropout=cfg.dropout)
-        # Filled by fit_classifier; buffers so they travel in the weights file.
-        self.register_buffer("feat_mean", torch.zeros(k))
-        self.register_buffer("feat_std", torch.ones(k))
-        self.register_buffer("class_mu", torch.zeros(num_classes, k))
-        self.register_buffer("class_logvar", torch.zeros(num_classes, k))
+        self.decoder = make_decoder(image_shape, cfg, k, decoder_channels(cfg, image_shape))
+        self.likelihood = make_likelihood(cfg, self.image_shape)
+        self._init_m1(k, num_classes, cfg.head_hidden, cfg.dropout)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = fp32(self.to_latent, self.encoder(x)).chunk(2, dim=1)
@@ -81,52 +133,12 @@ class VAE(Model):
     def decode_latents(self, z, y=None):
         return self.likelihood.mean(self.decoder(z))
 
-    # --- the M1 classifier ------------------------------------------------------------------------
-    def _features(self, z: Tensor) -> Tensor:
-        return (z - self.feat_mean) / self.feat_std
-
-    def fit_classifier(self, x, y, steps, batch_size):
-        with torch.no_grad():
-            self.eval()
-            mu, logvar = zip(*(self.encode(xb) for xb in x.split(1024)))
-            mu, logvar = torch.cat(mu), torch.cat(logvar)
-            self.feat_mean.copy_(mu.mean(0))
-            self.feat_std.copy_(mu.std(0).clamp_min(1e-3) if len(mu) > 1 else torch.ones_like(mu[0]))
-            for c in range(self.num_classes):
-                sel = mu[y == c]
-                if len(sel):
-                    self.class_mu[c] = sel.mean(0)
-                    spread = sel.var(0, unbiased=False) + logvar[y == c].exp().mean(0)
-                    self.class_logvar[c] = spread.clamp_min(1e-6).log()
-        if steps == 0:
-            return {}
-        opt = torch.optim.AdamW(self.head.parameters(), lr=3e-3, weight_decay=1e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        self.head.train()
-        n, total = len(mu), 0.0
-        for step in range(steps):
-            idx = torch.randint(n, (min(batch_size, n),), device=mu.device)
-            z = losses.reparameterize(mu[idx], logvar[idx])
-            loss = F.cross_entropy(self.head(self._features(z)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total = loss.item() if step == steps - 1 else total
-        self.eval()
-        return {"head_loss": total}
-
-    def predict_logits(self, x):
-        mu, _ = self.encode(x)
-        return self.head(self._features(mu)).float()
-
     # --- generation ---------------------------------------------------------------------------------
     def sample(self, n, y=None, temperature=1.0):
-        eps = torch.randn(n, self.cfg.latent_dim, device=self.device) * temperature
         if y is None:
-            z = eps
+            z = torch.randn(n, self.cfg.latent_dim, device=self.device) * temperature
         else:  # the class's Gaussian over latent means, fitted on the labelled images
-            z = self.class_mu[y] + eps * torch.exp(0.5 * self.class_logvar[y])
+            z = self.class_codes(y, temperature)
         return self.likelihood.mean(self.decoder(z))
 
     def reconstruct(self, x):
@@ -137,6 +149,8 @@ class VAE(Model):
 @register("iwae")
 class IWAE(VAE):
     """The VAE trained on the k-sample importance-weighted bound (Burda, Grosse & Salakhutdinov 2016)."""
+
+    reads = (*VAE.reads, "iw_samples")
 
     def loss(self, batch, kl_weight):
         # KL warm-up weights the prior/posterior ratio inside every weight (an annealed bound)
