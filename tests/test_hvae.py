@@ -266,3 +266,24 @@ def test_m2h_smooth_bound_with_a_certain_prediction_is_the_labelled_bound():
         torch.manual_seed(5)
         labelled = model.neg_elbo(x, None, y)["value"]
     assert torch.allclose(smooth, labelled, rtol=1e-6, atol=1e-3)
+
+
+def test_grad_skip_skips_updates_far_above_the_running_norm(tmp_path, runner):
+    """train.grad_skip=0.01 skips every update whose norm is above 1% of the running average of the accepted ones
+    (all of them, once the first 50 steps have made the average) and says so in metrics.csv; at the default (0)
+    nothing is skipped and no column is written."""
+    import csv
+
+    from vae_cli.cli import app
+
+    def run(name: str, *extra: str) -> list[dict]:
+        res = runner.invoke(app, ["train", "tiny", "--out", str(tmp_path), "--name", name, "--quiet", "epochs=10",
+                                  *extra])
+        assert res.exit_code == 0, res.output
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    rows = run("skip", "train.grad_skip=0.01", "epochs=12")
+    skipped = [float(r["train_grad_skipped"]) for r in rows]
+    assert skipped[0] == 0.0 and skipped[-1] > 0.9  # none in the first 50 steps (6 an epoch), then nearly all
+    assert "train_grad_skipped" not in run("plain")[0]

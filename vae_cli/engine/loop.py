@@ -271,12 +271,13 @@ class Loop:
         """train.grad_skip: whether this update's gradient norm is more than grad_skip times the moving average
         of the accepted ones (after 50 steps of history). VDVAE (Child 2021, section 5) skips updates whose norm
         passes a fixed threshold: the rare huge KL gradients of a deep hierarchy otherwise undo hours of
-        training. A multiple of the running norm needs no tuning to the loss's scale (nats per image grow with
-        the image). The average travels in the resumable state, so a resumed run skips the same steps."""
+        training; a non-finite norm is skipped too. Off (0), nothing is skipped here. A multiple of the running
+        norm needs no tuning to the loss's scale (nats per image grow with the image). The average travels in
+        the resumable state, so a resumed run skips the same steps."""
         p, tc = self.progress, self.recipe.train
-        if not math.isfinite(norm):
-            return True
-        if tc.grad_skip > 0 and p.step >= 50 and norm > tc.grad_skip * p.grad_norm_avg:
+        if tc.grad_skip <= 0:
+            return False
+        if not math.isfinite(norm) or (p.step >= 50 and norm > tc.grad_skip * p.grad_norm_avg):
             return True
         p.grad_norm_avg = norm if p.step == 0 or p.grad_norm_avg == 0 else 0.99 * p.grad_norm_avg + 0.01 * norm
         return False
