@@ -287,3 +287,12 @@ def test_grad_skip_skips_updates_far_above_the_running_norm(tmp_path, runner):
     skipped = [float(r["train_grad_skipped"]) for r in rows]
     assert skipped[0] == 0.0 and skipped[-1] > 0.9  # none in the first 50 steps (6 an epoch), then nearly all
     assert "train_grad_skipped" not in run("plain")[0]
+
+
+def test_the_iwae_pass_decodes_fewer_rows_at_once_for_a_heavy_likelihood():
+    from vae_cli.evaluation.evaluate import iwae_rows
+
+    heavy = _hvae(shape=(3, 32, 32), mixtures=10)  # 100 parameters a pixel
+    light = build_model(ModelConfig(name="vae", width=8, latent_dim=4, hidden=16), (1, 8, 8), 4)
+    assert iwae_rows(heavy) == 2**28 // (100 * 32 * 32) < 8192
+    assert iwae_rows(light) == 8192

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from vae_cli.core.runtime import Runtime, seeded
 from vae_cli.evaluation import metrics
-from vae_cli.models.likelihoods import LIKELIHOODS
+from vae_cli.models.likelihoods import LIKELIHOODS, decoder_channels
 
 
 @torch.no_grad()
@@ -73,6 +73,18 @@ def latent_means(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> T
     return torch.cat(_batched(model.latent_means, x, runtime, batch_size))
 
 
+def iwae_rows(model, budget: int = 2**28) -> int:
+    """How many (image, sample) rows the IWAE pass decodes at once: 8,192, fewer when the likelihood's parameters
+    per image are many, so a chunk's tensors stay near `budget` elements. With the 10-component mixture on CIFAR-10
+    (100 x 32 x 32 per image) 8,192 rows made gigabyte tensors: k=100 on 128 images took 55.9 s, 31.0 s at
+    1,024 rows (BENCHMARKS.md, session 15)."""
+    shape = tuple(model.image_shape)
+    if len(shape) != 3:
+        return 8192
+    per_row = decoder_channels(model.cfg, shape) * shape[1] * shape[2]
+    return max(64, min(8192, budget // per_row))
+
+
 @torch.no_grad()
 def log_likelihood(model, x: Tensor, k: int, levels: int | None, runtime: Runtime, batch_size: int = 256,
                    seed: int = 0, progress: Callable[[int], None] | None = None) -> Tensor:
@@ -82,7 +94,7 @@ def log_likelihood(model, x: Tensor, k: int, levels: int | None, runtime: Runtim
     with seeded(seed, runtime.device):
         for xb in x.split(batch_size):
             xb = xb.to(runtime.device, non_blocking=True)
-            out.append(metrics.iwae_log_likelihood(model, xb, k, levels, runtime.autocast).cpu())
+            out.append(metrics.iwae_log_likelihood(model, xb, k, levels, runtime.autocast, iwae_rows(model)).cpu())
             if progress is not None:
                 progress(len(xb))
     return torch.cat(out) if out else torch.empty(0)
