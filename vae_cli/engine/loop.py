@@ -279,7 +279,7 @@ class Loop:
             return False
         if not math.isfinite(norm) or (p.step >= 50 and norm > tc.grad_skip * p.grad_norm_avg):
             return True
-        p.grad_norm_avg = norm if p.step == 0 or p.grad_norm_avg == 0 else 0.99 * p.grad_norm_avg + 0.01 * norm
+        p.grad_norm_avg = norm if p.grad_norm_avg == 0 else 0.99 * p.grad_norm_avg + 0.01 * norm
         return False
 
     def run(self) -> list[dict]:

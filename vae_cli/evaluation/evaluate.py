@@ -136,13 +136,9 @@ def level_ratio(model, x: Tensor, k: int, runtime: Runtime, batch_size: int = 25
     if not model.has_hierarchy:
         return None
     model.eval()
-    out = []
     with seeded(seed, runtime.device):
-        for xb in x.split(batch_size):
-            xb = xb.to(runtime.device, non_blocking=True)
-            with runtime.autocast():
-                out.append(model.level_ratio(xb, k).double().cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+        out = _batched(lambda xb: model.level_ratio(xb, k), x, runtime, batch_size)
+    return torch.cat(out).double() if out else torch.empty(0, dtype=torch.float64)
 
 
 @torch.no_grad()

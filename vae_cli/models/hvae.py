@@ -122,16 +122,17 @@ class TopDownGroup(nn.Module):
             qm, qs = self.posterior(torch.cat([h, enc.to(h.dtype)], 1)).chunk(2, 1)
             qs = _scale_std(qs)
             out["mean"] = qm
-            out["logvar"] = 2 * torch.log(qs)
+            out["logvar"] = q_logvar = 2 * torch.log(qs)
             if mode == "mean":
                 z = qm
             else:
                 z = qm + qs * torch.randn_like(qm)
+                p_logvar = 2 * torch.log(ps)
                 if mode == "sample":
-                    out["kl"] = losses.gaussian_kl_two(qm, 2 * torch.log(qs), pm, 2 * torch.log(ps))
+                    out["kl"] = losses.gaussian_kl_two(qm, q_logvar, pm, p_logvar)
                 else:
-                    out["log_ratio"] = (losses.gaussian_log_density(z, qm, 2 * torch.log(qs))
-                                        - losses.gaussian_log_density(z, pm, 2 * torch.log(ps)))
+                    out["log_ratio"] = (losses.gaussian_log_density(z, qm, q_logvar)
+                                        - losses.gaussian_log_density(z, pm, p_logvar))
         h = h + self.z_in(z.to(h.dtype))
         return self.res(h), out
 

@@ -9,15 +9,23 @@ from vae_cli.core.registry import Registry
 from vae_cli.models import losses
 
 
-class Bernoulli(nn.Module):
-    """Decoder output = per-pixel logits; images in [0, 1]. Logits keep BCE safe under autocast."""
+class ImageLikelihood(nn.Module):
+    """What every image likelihood offers besides nll/mean: how it is built for an image's channels and the
+    recipe, and how many decoder output channels it reads (default: one parameter per pixel value)."""
 
-    discretised = False  # a probability of the file only for binary images
+    @classmethod
+    def for_image(cls, channels: int, cfg) -> nn.Module:
+        return cls()
 
     @staticmethod
     def out_channels(channels: int, cfg) -> int:
-        """Decoder output channels per image channel count: one parameter per pixel value."""
         return channels
+
+
+class Bernoulli(ImageLikelihood):
+    """Decoder output = per-pixel logits; images in [0, 1]. Logits keep BCE safe under autocast."""
+
+    discretised = False  # a probability of the file only for binary images
 
     def nll(self, out: Tensor, x: Tensor, levels: int | None = None) -> Tensor:
         # Binary images are already discrete; on grey images this is the usual relaxation (`levels` unused).
@@ -27,12 +35,11 @@ class Bernoulli(nn.Module):
         return torch.sigmoid(out.float())
 
 
-class Gaussian(nn.Module):
+class Gaussian(ImageLikelihood):
     """Decoder output = per-pixel mean through a sigmoid (images in [0, 1]); one learned log standard
     deviation. With `vector=True` (M1+M2's latent codes): identity mean and one scale per dimension."""
 
     discretised = True  # with `levels`, the probability of each pixel's bin
-    out_channels = Bernoulli.out_channels
 
     def __init__(self, dims: int = 1, vector: bool = False) -> None:
         super().__init__()
@@ -50,7 +57,7 @@ class Gaussian(nn.Module):
         return out.float() if self.vector else torch.sigmoid(out.float())
 
 
-class Logistic(nn.Module):
+class Logistic(ImageLikelihood):
     """Decoder output = per-pixel mean through a sigmoid; a learned log-scale per channel. The probability
     of each pixel's 8-bit value (its bin of a discretised logistic, PixelCNN++), so the ELBO and IWAE numbers
     are the probability of the image file and bits/dim compares with image-modelling papers. The default
@@ -59,7 +66,10 @@ class Logistic(nn.Module):
 
     discretised = True
     LEVELS = 256  # training data is 8-bit unless the dataset says otherwise (`levels`)
-    out_channels = Bernoulli.out_channels
+
+    @classmethod
+    def for_image(cls, channels: int, cfg) -> nn.Module:
+        return cls(channels)
 
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
@@ -73,7 +83,7 @@ class Logistic(nn.Module):
         return torch.sigmoid(out.float())
 
 
-class LogisticMixture(nn.Module):
+class LogisticMixture(ImageLikelihood):
     """Decoder output = per pixel, `model.mixtures` components each with a weight, a mean and a log-scale per
     channel and, for colour, three coupling coefficients (green on red, blue on red and green): the discretised
     logistic mixture of PixelCNN++ (Salimans et al. 2017), the likelihood of VDVAE and NVAE. One component can
@@ -89,6 +99,10 @@ class LogisticMixture(nn.Module):
         if channels not in (1, 3):
             raise ValueError(f"logistic_mixture models grey or RGB images, not {channels} channels")
         self.c, self.m = channels, mixtures
+
+    @classmethod
+    def for_image(cls, channels: int, cfg) -> nn.Module:
+        return cls(channels, cfg.mixtures)
 
     @staticmethod
     def out_channels(channels: int, cfg) -> int:
@@ -122,7 +136,7 @@ class LogisticMixture(nn.Module):
         return torch.cat([r, g, b.clamp(0, 1)], 1)
 
 
-LIKELIHOODS: Registry[type[nn.Module]] = Registry("likelihood", "model.likelihood")
+LIKELIHOODS: Registry[type[ImageLikelihood]] = Registry("likelihood", "model.likelihood")
 LIKELIHOODS.add("bernoulli", Bernoulli)
 LIKELIHOODS.add("gaussian", Gaussian)
 LIKELIHOODS.add("logistic", Logistic)
@@ -134,10 +148,7 @@ def make_likelihood(cfg, shape: tuple[int, ...]) -> nn.Module:
     Its `out_channels(channels, cfg)` says how many channels the decoder must output."""
     if len(shape) != 3:
         return Gaussian(shape[0], vector=True)
-    cls = LIKELIHOODS.get(cfg.likelihood)
-    if cls is Logistic:
-        return cls(shape[0])
-    return cls(shape[0], cfg.mixtures) if cls is LogisticMixture else cls()
+    return LIKELIHOODS.get(cfg.likelihood).for_image(shape[0], cfg)
 
 
 def decoder_channels(cfg, shape: tuple[int, ...]) -> int | None:

@@ -161,9 +161,11 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, shape: tuple[int, ...], width: int, hidden: int, in_dim: int):
+    def __init__(self, shape: tuple[int, ...], width: int, hidden: int, in_dim: int,
+                 out_channels: int | None = None):
         super().__init__()
-        self.shape = tuple(shape)
+        # images: out_channels maps of the image's size (the likelihood's parameters); vectors: the vector
+        self.shape = (out_channels or shape[0], *shape[1:]) if len(shape) == 3 else tuple(shape)
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), _act(), nn.Linear(hidden, hidden), _act())
         self.out = nn.Linear(hidden, math.prod(shape))
 
@@ -263,9 +265,6 @@ def make_decoder(shape: tuple[int, ...], cfg, in_dim: int, out_channels: int | N
     """The recipe's decoder from codes of `in_dim` to `out_channels` maps of the image's size (the likelihood's
     parameters per pixel; None: one per image channel)."""
     name = (cfg.decoder or cfg.backbone) if len(shape) == 3 else "mlp"
-    if name == "mlp":  # the MLP decoder is sized by its output shape
-        out_shape = (out_channels or shape[0], *shape[1:]) if len(shape) == 3 else shape
-        return MLPDecoder(out_shape, cfg.width, cfg.hidden, in_dim)
     return BACKBONES.get(name).decoder(shape, cfg.width, cfg.hidden, in_dim, out_channels)
 
 
