@@ -17,7 +17,7 @@ from vae_cli.core.errors import UsageError
 from vae_cli.engine import loop
 from vae_cli.engine import state as S
 from vae_cli.engine.distributed import Dist
-from vae_cli.engine.loop import plan_epochs
+from vae_cli.engine.schedule import plan_epochs
 from vae_cli.engine.train import train
 
 from .conftest import TINY

@@ -27,9 +27,20 @@ def grey_run(tmp_path_factory):
     return r, train(r, out=out, name="mnist-100-on-digits", reporter=Reporter(quiet=True))
 
 
-def test_the_recipe_has_the_mechanisms_it_was_measured_with():
-    r = R.load(RECIPE)
-    assert r.train.ema > 0 and r.model.align and r.train.augment_crop and r.train.augment_shift >= 1
+def test_the_saved_weights_are_the_moving_average_the_recipe_asks_for(grey_run):
+    """The recipe's moving average is in action: the saved model is the average the state file carries, not the
+    last step's weights (the alignment and whole-pixel shifts: tests/test_photos.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    r, res = grey_run
+    assert r.train.ema > 0 and r.model.align and r.train.augment_crop
+    saved = load_file(res.paths["weights"])
+    state = load_file(str(res.run.state))
+    params = [k for k in saved if f"ema.{k}" in state]
+    assert params, "the state has no moving average"
+    assert all(torch.equal(saved[k], state[f"ema.{k}"]) for k in params)
+    assert any(not torch.equal(saved[k], state[f"model.{k}"]) for k in params)
 
 
 def test_the_grey_recipe_trains_on_digits_with_ten_labels_a_class(grey_run):

@@ -55,7 +55,7 @@ def test_a_fifo_inside_a_folder_dataset_is_named(tmp_path, runner):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (lambda w, t: ["sample", w, "-o", str(t / "adir.png")], "it is a folder"),
+    (lambda w, t: ["sample", w, "-o", str(t / "adir.png")], "is a folder"),
     (lambda w, t: ["sample", w, "-o", str(t / ("n" * 300 + ".png"))], "file name is too long"),
 ])
 def test_os_errors_on_given_paths_are_one_line_exit_2(tmp_path, tiny_run, runner, argv, needle):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vae_cli.artifacts import checkpoint
+from vae_cli.core import rng
 from vae_cli.core.recipe import ModelConfig, model_keys
 from vae_cli.models import REGISTRY, build_model, losses
 from vae_cli.models.base import Batch
@@ -224,7 +225,7 @@ def test_model_dropout_reaches_the_m1_head():
     """The VAE's M1 head once used a hard-coded 0.3 whatever model.dropout said."""
     for p in (0.0, 0.6):
         model = _model("vae", (1, 8, 8), dropout=p)
-        assert [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout)] == [p]
+        assert [m.p for m in model.head.modules() if isinstance(m, rng.Dropout)] == [p]
 
 
 @pytest.mark.parametrize("backbone", ["small", "deep", "resnet"])
@@ -285,3 +286,51 @@ def test_evaluation_interface(name, likelihood):
         row = interpolation(model, x[:2], x[1:], steps=5)
         assert row.shape == (2 * 7, 1, 8, 8) and torch.equal(row[0], x[0]) and torch.equal(row[6], x[1])
         assert class_samples(model, 2).shape == (20, 1, 8, 8)
+
+
+# --- the value of each likelihood, against an independent reference (the shape tests above would pass with wrong
+# maths) ----------------------------------------------------------------------------------------------------------
+def _reference_nll(name: str, lik, out: torch.Tensor, x: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """-log p(x) per image, computed in float64 with torch.distributions or by the definition."""
+    from torch import distributions as D
+
+    out, x = out.double(), x.double()
+    if name == "bernoulli":
+        return -D.Bernoulli(logits=out).log_prob(x).flatten(1).sum(1)
+    if name == "gaussian":
+        mean, scale = torch.sigmoid(out), lik.log_scale.double().clamp(-7, 2).exp()
+        if levels is None:
+            return -D.Normal(mean, scale).log_prob(x).flatten(1).sum(1)
+        cdf, half = D.Normal(mean, scale).cdf, 0.5 / (levels - 1)
+        upper = torch.where(x >= 1 - half, torch.ones_like(x), cdf(x + half))
+        lower = torch.where(x <= half, torch.zeros_like(x), cdf(x - half))
+        return -torch.log(upper - lower).flatten(1).sum(1)
+    if name == "logistic":
+        mean, scale = torch.sigmoid(out), lik.log_scale.double().clamp(-7, 2).exp()
+        levels = levels or lik.LEVELS
+        half = 0.5 / (levels - 1)
+        cdf = lambda v: torch.sigmoid((v - mean) / scale)  # noqa: E731  (a logistic's CDF)
+        upper = torch.where(x >= 1 - half, torch.ones_like(x), cdf(x + half))
+        lower = torch.where(x <= half, torch.zeros_like(x), cdf(x - half))
+        return -torch.log(upper - lower).flatten(1).sum(1)
+    raise AssertionError(f"no reference for {name}")
+
+
+# the mixture has its own float64 reference in tests/test_hvae.py
+@pytest.mark.parametrize("name", [n for n in LIKELIHOODS.names() if n != "logistic_mixture"])
+@pytest.mark.parametrize("levels", [None, 256])
+def test_each_likelihood_value_matches_a_reference(name, levels):
+    from vae_cli.core.recipe import ModelConfig
+
+    torch.manual_seed(0)
+    lik = LIKELIHOODS.get(name).for_image(3, ModelConfig(likelihood=name, mixtures=2))
+    with torch.no_grad():
+        if hasattr(lik, "log_scale"):
+            lik.log_scale.fill_(-1.5)
+    out = torch.randn(4, LIKELIHOODS.get(name).out_channels(3, ModelConfig(mixtures=2)), 5, 5)
+    x = torch.randint(0, 256, (4, 3, 5, 5)).double() / 255
+    if name == "bernoulli":
+        x = (x > 0.5).double()
+    ref = _reference_nll(name, lik, out, x, levels)
+    got = lik.nll(out, x.float(), levels) if levels else lik.nll(out, x.float())
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-3), (got, ref)

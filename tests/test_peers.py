@@ -164,3 +164,117 @@ def test_a_running_training_shrinks_when_a_second_job_starts(tmp_path):
     assert train.returncode == 0, err[-2000:]
     assert f"cpu: now {cpu.affinity_cores() // 2} thread" in err, err[-3000:]
     assert not (share / f"{train.pid}.lock").exists()  # withdrawn at exit
+
+
+# --- a sharing folder someone else prepared (issue 30): never followed, never trusted, never hanging -----------
+def _register_in(folder) -> tuple[peers.Sharing, str]:
+    import contextlib
+    import io
+
+    s = peers.Sharing()
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), pytest.MonkeyPatch.context() as mp:
+        mp.setenv(peers.ENV, str(folder))
+        s.register()
+    s.close()
+    return s, buf.getvalue()
+
+
+def test_a_planted_symlink_folder_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "123.lock").write_text("someone's file")  # a dead lock file would be removed if followed
+    (tmp_path / "share").symlink_to(victim)
+    s, said = _register_in(tmp_path / "share")
+    assert s.registration is None and "symbolic link" in s.problem
+    assert said.count("\n") == 1 and "not shared" in said
+    assert _files_of(victim) == {"123.lock"}
+
+
+def test_a_world_writable_folder_is_not_used(tmp_path):
+    shared = tmp_path / "share"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "9.lock").write_text("x")
+    s, _ = _register_in(shared)
+    assert s.registration is None and "written by other users" in s.problem
+    assert _files_of(shared) == {"9.lock"}
+
+
+def test_a_new_folder_is_private(tmp_path):
+    s, said = _register_in(tmp_path / "fresh" / "share")
+    assert s.problem is None and said == ""
+    assert stat_mode(tmp_path / "fresh" / "share") == 0o700
+
+
+def test_fifos_and_junk_locks_neither_hang_nor_crash_and_stay(tmp_path):
+    folder = tmp_path / "share"
+    folder.mkdir(mode=0o700)
+    os.mkfifo(folder / "1.lock")
+    (folder / "2.lock").mkdir()
+    (folder / "3.lock").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_text("{}")
+    for i, junk in enumerate([b"[" * 3000 + b"]" * 3000, b'{"pid": 1e999}', b"x" * 10_000,
+                              b'{"pid": 5, "group": "g", "started": NaN, "cpus": [0]}']):
+        held = _hold_bytes(folder / f"{10 + i}.lock", junk)
+        assert held.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    assert peers.live_peers(folder, me()) == []  # junk is nobody
+    assert time.monotonic() - t0 < 10
+    assert {"1.lock", "2.lock", "3.lock"} <= _files_of(folder)
+    assert (tmp_path / "elsewhere").read_text() == "{}"
+
+
+def test_parse_peer_takes_only_what_registration_writes():
+    good = {"pid": 5, "group": "pid:5", "started": 1.5, "cpus": [0, 1]}
+    assert peers.parse_peer(json.dumps(good).encode()) == peers.Peer(5, "pid:5", 1.5, frozenset({0, 1}))
+    for bad in ({**good, "pid": 1e999}, {**good, "pid": True}, {**good, "cpus": [[0]]}, {**good, "cpus": "01"},
+                [good], {**good, "started": "x"}):
+        assert peers.parse_peer(json.dumps(bad).encode()) is None
+
+
+def test_a_run_refused_by_the_run_lock_is_never_a_peer(tmp_path):
+    folder = tmp_path / "share"
+    out = tmp_path / "runs"
+    env = {**os.environ, peers.ENV: str(folder)}
+    from vae_cli.engine.runlock import RunLock
+
+    (out / "tiny").mkdir(parents=True)
+    with RunLock(out / "tiny"):
+        res = subprocess.run([sys.executable, "-m", "vae_cli", "train", str(TINY), "--out", str(out), "--resume"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 75, res.stderr
+    assert not folder.exists() or not any(p.suffix == ".lock" for p in folder.iterdir())
+
+
+HOLD_BYTES = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, bytes.fromhex(sys.argv[2])); print('ready', flush=True); "
+              "time.sleep(60)")
+_held: list = []
+
+
+def _hold_bytes(path, content: bytes) -> subprocess.Popen:
+    """A live process holding a lock file with arbitrary content (killed at exit)."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD_BYTES, str(path), content.hex()], stdout=subprocess.PIPE,
+                         text=True)
+    _held.append(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _kill_held():
+    yield
+    while _held:
+        p = _held.pop()
+        p.kill()
+        p.wait()
+
+
+def _files_of(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def stat_mode(path) -> int:
+    import stat as st
+
+    return st.S_IMODE(os.lstat(path).st_mode)

@@ -93,3 +93,16 @@ def test_replace_validates():
     assert r.train.epochs == 2
     with pytest.raises(RecipeError):
         R.Recipe().replace(**{"train.epochs": -1})
+
+
+def test_hidden_is_refused_where_no_chosen_network_has_a_hidden_layer():
+    """#32: the resnet encoder ends in global pooling and the deep decoder starts from its feature map, so
+    model.hidden sizes nothing with both: refused, naming them. With either net that has one, it is read."""
+    from vae_cli.core import recipe as R
+    from vae_cli.core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="neither the resnet encoder nor the deep decoder"):
+        R.load(None, ["model.backbone=resnet", "model.decoder=deep", "model.hidden=128"])
+    R.load(None, ["model.backbone=resnet", "model.decoder=deep"])  # the default value: nothing to refuse
+    R.load(None, ["model.backbone=resnet", "model.decoder=mlp", "model.hidden=128"])
+    R.load(None, ["model.name=m2", "model.backbone=resnet", "model.decoder=deep", "model.hidden=64"])  # M2's z head

@@ -36,6 +36,8 @@ def project_2d(z: np.ndarray, method: str = "tsne") -> tuple[np.ndarray, str]:
     principal components, which keep global distances but often overlap classes."""
     if z.shape[1] <= 2:
         return np.pad(z, ((0, 0), (0, 2 - z.shape[1]))), "z"
+    if len(z) < 3:  # too few images for a projection (a tiny test split): the first two coordinates
+        return z[:, :2], "first two latent coordinates"
     if method == "tsne" and len(z) > 5:
         from sklearn.manifold import TSNE
 

@@ -99,8 +99,9 @@ def _version(value: bool) -> None:
 
 
 # the commands that compute: they announce themselves to other vae jobs before importing torch (whose import
-# is seconds of CPU), so a training beside them shares its cores from their first moment (core/peers.py)
-COMPUTING = {"train", "eval", "classify", "sample", "embed", "export"}
+# is seconds of CPU), so a training beside them shares its cores from their first moment (core/peers.py);
+# `train` announces itself once it holds its run folder's lock (a run refused with exit 75 is nobody's peer)
+COMPUTING = {"train", "eval", "classify", "sample", "embed", "export", "plot", "calibrate"}
 
 
 @app.callback()
@@ -123,9 +124,16 @@ def _main(
             err(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
     if ctx.invoked_subcommand in COMPUTING:
+        from vae_cli.core import cpu
         from vae_cli.core.peers import SHARING
 
-        SHARING.register()
+        try:
+            cpu.detect()  # a bad VAE_THREADS is refused by every computing command alike
+        except VaeError as e:
+            err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        if ctx.invoked_subcommand != "train":
+            SHARING.register()
 
 
 def runtime_name(device: Device) -> str:
@@ -133,19 +141,37 @@ def runtime_name(device: Device) -> str:
 
 
 def path_args(items: list[str]) -> list[str]:
-    """Command-line paths with '-' replaced by the paths on standard input, one per line (blank lines and
-    surrounding whitespace ignored), so `find . -name '*.png' | vae classify model.safetensors -` works."""
+    """Command-line paths with '-' replaced by the paths on standard input, so
+    `find . -name '*.png' | vae classify model.safetensors -` works: one per line (blank lines ignored), or
+    NUL-separated when the input holds a NUL byte (`find -print0`, the one format any file name fits). Names
+    are bytes on Linux: read as bytes and decoded as the file system does (surrogateescape), so a name that
+    is not UTF-8 still opens."""
+    from vae_cli.core.errors import UsageError
+
     out: list[str] = []
     for item in items:
-        if item == "-":
-            out += [p for p in (line.rstrip("\r\n") for line in sys.stdin) if p.strip()]
-        else:
-            out.append(item)
+        out += _stdin_paths() if item == "-" else [item]
     if not out:
-        from vae_cli.core.errors import UsageError
-
         raise UsageError("no image paths given (standard input was empty)")
     return out
+
+
+def _stdin_paths() -> list[str]:
+    from vae_cli.core.errors import UsageError
+
+    closed = UsageError("'-' reads image paths from standard input, but standard input is closed; pipe the paths "
+                        "in or give them as arguments")
+    if sys.stdin is None:  # started with stdin closed (`<&-`, some cron setups)
+        raise closed
+    try:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else os.fsencode(sys.stdin.read())
+    except (OSError, ValueError):  # a closed or unreadable descriptor
+        raise closed from None
+    if b"\0" in data:
+        names = data.split(b"\0")
+    else:
+        names = [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
+    return [os.fsdecode(n) for n in names if n.strip()]
 
 
 def runtime_for(device: Device, precision: str = "auto"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli.app import SCORES_HELP, Device, Precision, app, err, guarded, runtime_for
-from vae_cli.core.errors import UsageError
+from vae_cli.core.fsutil import check_output
 
 
 @app.command()
@@ -32,8 +32,7 @@ def calibrate(
     """Measure every --reject score again on the held-out training images the model's recipe defines (the
     training data must be where the recipe says): files from older versions gain this version's scores, and
     the default score, rate or samples can change, all without retraining."""
-    if output is not None and output.is_dir():
-        raise UsageError(f"--output '{output}' is a folder; give a file path such as {output / 'model.safetensors'}")
+    check_output(output or weights)
     from vae_cli.engine.recalibrate import recalibrate
 
     out = output or weights

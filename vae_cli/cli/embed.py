@@ -31,7 +31,12 @@ def embed(
     if suffix not in SUFFIXES:
         raise UsageError(f"--output must end in {', '.join(SUFFIXES)}, got '{output}'")
     from vae_cli.api import load
-    from vae_cli.artifacts.tables import embedding_writer
+    from vae_cli.artifacts.tables import embedding_writer, paths_file
+    from vae_cli.core.fsutil import check_output
+
+    check_output(output, [weights])
+    if suffix == ".npy":
+        check_output(paths_file(output), [weights], "paths file")
     from vae_cli.data.images import expand_paths
 
     files = expand_paths(path_args(paths))

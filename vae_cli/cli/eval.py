@@ -29,8 +29,14 @@ def load_with_data(weights: Path, device: Device, precision: Precision = Precisi
 
 
 def _probe_set(data, per_class: int, seed: int):
+    import numpy as np
+
     from vae_cli.data import labelled_subset
 
+    counts = np.bincount(data.train_y.numpy(), minlength=len(data.classes))
+    if per_class > counts.min():
+        raise UsageError(f"--probe-labels {per_class} is more than the {counts.min()} training images of class "
+                         f"'{data.classes[int(counts.argmin())]}'; use --probe-labels {counts.min()} or fewer")
     idx = labelled_subset(data.train_y.numpy(), per_class, None, seed)
     return data.train_x[idx], data.train_y[idx]
 

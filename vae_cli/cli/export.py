@@ -44,10 +44,14 @@ def export(
     from vae_cli.artifacts.export import FORMATS, reference_inputs
     from vae_cli.artifacts.export import export as write
     from vae_cli.artifacts.exported import max_abs_diff
+    from vae_cli.core.fsutil import check_output
+    from vae_cli.core.runtime import cpu_budget
 
-    model, meta = checkpoint.load(weights, torch.device("cpu"))
+    cpu_budget()  # the check runs the model: threads as every computing command sets them
+
     stem = weights.name[:-len(weights.suffix)] if weights.suffix else weights.name
-    path = output or weights.with_name(f"{stem}.{part.value}{FORMATS[fmt.value]}")
+    path = check_output(output or weights.with_name(f"{stem}.{part.value}{FORMATS[fmt.value]}"), [weights])
+    model, meta = checkpoint.load(weights, torch.device("cpu"))
     info = write(model, meta, part.value, fmt.value, path)
     res = {"path": str(path), "format": fmt.value, "part": part.value, "metadata": info, "max_abs_diff": None}
     if check:

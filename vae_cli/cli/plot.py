@@ -33,8 +33,10 @@ def plot(
     from vae_cli.artifacts.rundir import RunDir
     from vae_cli.evaluation.evaluate import evaluate
 
-    model, meta, data, rt = load_with_data(weights, device)
     out = out or weights.parent
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is not a folder; name a folder for the PNGs and report.html")
+    model, meta, data, rt = load_with_data(weights, device)
     metrics = evaluate(model, data.test_x, data.test_y, meta["classes"], rt, iw_samples=iw_samples,
                        levels=data.levels)
     written = report.write_run_pictures(model, data, meta["recipe_obj"], rt, out, metrics,

@@ -10,6 +10,7 @@ import typer
 from vae_cli.cli import output as show
 from vae_cli.cli.app import Device, app, guarded, runtime_for
 from vae_cli.core.errors import UsageError
+from vae_cli.core.fsutil import check_output
 
 
 def _class_index(meta: dict, cls: str) -> int:
@@ -45,6 +46,9 @@ def sample(
         raise UsageError(f"--temperature must be a finite number, got {temperature}")
     if output.suffix.lower() != ".png":
         raise UsageError(f"--output must end in .png, got '{output}'")
+    check_output(output, [weights])
+    if each is not None and each.exists() and not each.is_dir():
+        raise UsageError(f"--each '{each}' is not a folder; name a folder for the PNGs")
     if interpolate and (reconstruct or images):
         raise UsageError("--interpolate draws its own row; leave out --reconstruct/--images")
     import torch

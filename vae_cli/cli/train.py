@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -28,6 +29,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with results and paths."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
     resume: bool = typer.Option(False, "--resume", help="Continue runs/NAME from its last.safetensors."),
+    init: Path | None = typer.Option(None, "--init", help="Start from this model.safetensors (matching tensors by "
+                                     "name and shape, class rows by class name; the recipe key train.init): a new "
+                                     "run, unlike --resume, which continues an interrupted one."),
     promote: Path | None = typer.Option(None, "--promote", help="Copy the new weights here only if they beat "
                                         "the weights already there (exit 3 when they do not)."),
     promote_metric: str = typer.Option("accuracy", "--promote-metric", help="accuracy | elbo (higher wins)."),
@@ -37,12 +41,17 @@ def train(
 
     if promote_metric not in METRICS:
         raise UsageError(f"--promote-metric must be one of {', '.join(METRICS)}, got '{promote_metric}'")
+    if promote is not None:
+        from vae_cli.core.fsutil import check_output
+
+        check_output(promote, what="--promote target")
     from vae_cli.core import recipe as recipe_mod
 
     overrides, resume = _pop_resume(list(overrides or []), resume)
     extra = [f"train.device={device.value}"] if device else []
     extra += [f"train.precision={precision.value}"] if precision else []
     extra += [f"seed={seed}"] if seed is not None else []
+    extra += [f"train.init={json.dumps(str(init))}"] if init is not None else []
     r = recipe_mod.load(recipe, overrides + extra)
 
     from vae_cli.core.console import Reporter

@@ -14,7 +14,13 @@ torchrun ranks of one job form one group (`TORCHELASTIC_RUN_ID`): the group gets
 The folder: `$VAE_CPU_SHARE` (a path, or `off` to disable), else `$XDG_RUNTIME_DIR/vae-cpu`, else
 `<tmp>/vae-cpu-<uid>`. Only `vae` processes are counted; other programs are not (the load average cannot
 tell a peer's threads from this process's own). Linux/macOS only (`fcntl`); elsewhere nothing is shared.
-No torch here.
+
+The folder sits in a shared place (/tmp), so it is trusted only as ssh-agent, tmux and systemd trust theirs:
+created 0700, and used only when `lstat` shows a real folder (not a link) owned by this user that no one
+else may write; otherwise this process does not share, says so once on stderr, and touches nothing there.
+Lock files are opened with O_NOFOLLOW | O_NONBLOCK and read only when they are regular files (a FIFO planted
+as `1.lock` cannot hang anyone), at most `MAX_LOCK_BYTES`, and content that is not exactly what
+`Registration` writes is junk: ignored, never deleted. No torch here.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import os
+import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +43,29 @@ except ImportError:  # Windows: no flock, no sharing
     fcntl = None  # type: ignore[assignment]
 
 ENV = "VAE_CPU_SHARE"
+MAX_LOCK_BYTES = 4096  # a registration is ~100 bytes; anything longer is not ours
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class UnsafeFolder(OSError):
+    """The sharing folder is not a private folder of this user's."""
+
+
+def check_folder(folder: Path) -> None:
+    """Raise UnsafeFolder unless `folder` (not following links) is a folder owned by this user that only
+    this user may write to."""
+    st = os.lstat(folder)
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "is not a folder"
+    elif hasattr(os, "getuid") and st.st_uid != os.getuid():
+        why = f"belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o022:
+        why = f"may be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    if why:
+        raise UnsafeFolder(f"{folder} {why}")
 
 
 @dataclass(frozen=True)
@@ -74,10 +106,13 @@ class Registration:
 
     def __init__(self, folder: Path, me: Peer):
         self.folder, self.me = folder, me
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        check_folder(folder)
         self.path = folder / f"{me.pid}.lock"
         tmp = folder / f".{me.pid}.{time.monotonic_ns()}.tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, json.dumps({"pid": me.pid, "group": me.group, "started": me.started,
@@ -99,22 +134,42 @@ class Registration:
         self.fd = None
 
 
-def _read_live(path: Path) -> Peer | None:
-    """The peer announced in `path` if its process holds the lock; a dead process's file is removed."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # withdrawn meanwhile
+def parse_peer(raw: bytes) -> Peer | None:
+    """A registration's content as a Peer, or None for anything else (junk is ignored, whatever it holds)."""
+    if len(raw) > MAX_LOCK_BYTES:
         return None
     try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return None
+    if not isinstance(data, dict):
+        return None
+    pid, group, started, cpus = (data.get(k) for k in ("pid", "group", "started", "cpus"))
+    if not (type(pid) is int and 0 < pid < 1 << 31 and isinstance(group, str) and len(group) <= 256
+            and type(started) in (int, float) and math.isfinite(started) and isinstance(cpus, list)
+            and len(cpus) <= 65536 and all(type(c) is int and 0 <= c < 1 << 20 for c in cpus)):
+        return None
+    return Peer(pid, group, float(started), frozenset(cpus))
+
+
+def _read_live(path: Path) -> Peer | None:
+    """The peer announced in `path` if its process holds the lock; a dead process's file is removed. Only
+    regular files are opened for reading (never through a link, never blocking) and only ours are removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    except OSError:  # withdrawn meanwhile, or a link
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device, a folder: not ours, leave it
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # held: alive
-            data = json.loads(os.read(fd, 1 << 16) or b"{}")
-            return Peer(int(data["pid"]), str(data["group"]), float(data["started"]), frozenset(data["cpus"]))
+            return parse_peer(os.read(fd, MAX_LOCK_BYTES + 1))
+        except OSError:
+            return None
         with contextlib.suppress(OSError):
             path.unlink()  # nobody holds it: its process is gone
-        return None
-    except (ValueError, KeyError, TypeError):  # not ours or damaged: ignore it
         return None
     finally:
         os.close(fd)
@@ -158,6 +213,10 @@ class Sharing:
             try:
                 self.registration = Registration(folder, Peer(os.getpid(), my_group(), time.time(), my_cpus()))
                 atexit.register(self.close)
+            except UnsafeFolder as e:  # planted or foreign: run alone, touch nothing there, say so once
+                self.problem = f"not shared: {e}"
+                print(f"warning: cores not shared with other vae jobs: {e} (remove it, or set {ENV} to a "
+                      f"private folder)", file=sys.stderr)
             except OSError as e:  # a read-only or foreign folder: run alone, and say so in the budget's source
                 self.problem = f"not shared: cannot use {folder} ({e.strerror or e})"
         return self.registration

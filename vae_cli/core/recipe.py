@@ -131,7 +131,7 @@ class TrainConfig:
     epochs: int = key(30, "passes over the training set (with `minutes`: at most this many)", min=1)
     minutes: float = key(0.0, "a time budget for the training epochs: after each epoch the schedule's length is "
                               "re-planned from the epochs' measured times so the last one ends within it (0: off; "
-                              "the run then depends on the machine's speed, see docs/ARCHITECTURE.md)", min=0.0)
+                              "the run then depends on the machine's speed, see docs/DECISIONS.md)", min=0.0)
     batch_size: int = key(64, "images per optimisation step", min=1)
     labelled_batch_size: int = key(64, "labelled images drawn per step (semi-supervised models)", min=1)
     augment_shift: float = key(0.0, "random shift of up to this many pixels (0: off)", min=0.0)
@@ -161,6 +161,14 @@ class TrainConfig:
     compile: bool = key(False, "torch.compile the training step (pays a compile time up front; see BENCHMARKS.md)")
     eval_every: int = key(1, "test-subset numbers in metrics.csv every N epochs and on the last one (their time counts "
                              "against `minutes`: ~6 s an epoch for 2,000 CIFAR-10 images on 2 cores)", min=1)
+    init: str = key("", "a model.safetensors to start from (`vae train --init`): every tensor whose name and shape "
+                        "match is loaded, class rows matched by class name; the learning rate then warms up over "
+                        "the first epoch and the KL warm-up is skipped when the generative part was loaded "
+                        "(empty: random initialisation). Not --resume, which continues an interrupted run")
+    shards: int = key(0, "on the CPU, each step's batch in this many shards, each computed on one thread and their "
+                         "gradients added in order: the weights then do not depend on how many cores the run gets "
+                         "(other vae jobs beside it) (0: the machine's cores, at most 8, at least 32 images each; "
+                         "set it to get the same weights on machines with different cores)", min=0, max=64)
     checkpoint_every: int = key(0, "also write the resumable state every N steps (0: only each epoch)", min=0)
     reject_rate: float = key(0.01, "`classify --reject`: share of held-out training images that may be "
                                    "rejected; sets the likelihood threshold", min=0.0, max=0.5, exclusive_min=True)
@@ -348,12 +356,21 @@ def _refuse_unread_model_keys(m: ModelConfig) -> None:
     reads = set(model_keys(m.name))
     if m.likelihood != "logistic_mixture":
         reads.discard("mixtures")
+    nets = registry_of(_fields(ModelConfig)["backbone"].metadata["registry"])
+    parts = [(m.backbone, "encoder")] + ([(m.decoder or m.backbone, "decoder")] if "decoder" in reads else [])
+    model_cls = registry_of(_fields(ModelConfig)["name"].metadata["registry"]).get(m.name)
+    unread_by_nets = {k for k in getattr(model_cls, "via_backbone", ())
+                      if not any(getattr(nets.get(n), f"{part}_{k}", True) for n, part in parts)}
+    reads -= unread_by_nets
     for f in dataclasses.fields(ModelConfig):
         if f.name not in reads and getattr(m, f.name) != f.default:
             why = ("model.mixtures is read only by model.likelihood=logistic_mixture" if f.name == "mixtures"
+                   else f"neither the {m.backbone} encoder nor the {m.decoder or m.backbone} decoder has a layer "
+                        f"model.{f.name} sizes" if f.name in unread_by_nets
                    else f"model '{m.name}' does not read model.{f.name} (it reads "
                         f"{', '.join(sorted(reads - {'name'}))})")
-            raise RecipeError(f"{why}; remove model.{f.name}={getattr(m, f.name)!r} or pick a model that reads it")
+            fix = "a backbone or decoder that has one" if f.name in unread_by_nets else "a model that reads it"
+            raise RecipeError(f"{why}; remove model.{f.name}={getattr(m, f.name)!r} or pick {fix}")
 
 
 def all_keys_of(section: str) -> list[str]:

@@ -70,6 +70,23 @@ def cpu_budget() -> CpuBudget:
     return _applied["budget"] if _applied.get("budget") == budget else apply_cpu_budget(budget)
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Torch's kernels on this thread run on one core inside the block: for computations whose result is saved
+    (the VAE's classifier stage) and so must not depend on how many cores the run was granted at the time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def granted_cores() -> int:
+    """The cores this process may keep busy now (the budget last applied)."""
+    return _applied["budget"].cores if "budget" in _applied else cpu.current().cores
+
+
 def recheck_cpu_budget(every: float = 2.0) -> CpuBudget | None:
     """Called between steps of long loops (training, classifying): at most every `every` seconds, the
     budget decided again (a peer started or ended); returns the new budget when it changed, else None."""
@@ -80,8 +97,12 @@ def recheck_cpu_budget(every: float = 2.0) -> CpuBudget | None:
     return after if after.cores != before.cores else None
 
 
-def resolve(device: str = "auto", precision: str = "auto", local_rank: int = 0) -> Runtime:
-    cpu_budget()
+def resolve(device: str = "auto", precision: str = "auto", local_rank: int = 0, *, budget: bool = True) -> Runtime:
+    """The device and precision; with `budget`, the CPU budget applied too (announcing this process to the
+    other vae jobs: `vae train` does that itself once it holds its run folder's lock, so a run refused by the
+    lock never counts as a peer)."""
+    if budget:
+        cpu_budget()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

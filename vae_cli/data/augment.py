@@ -1,8 +1,9 @@
 """Batched, in-memory image augmentation on the training device, every image with its own random draw:
 the weak view (random shifts, rotations and horizontal flips in one `affine_grid`/`grid_sample` pass) and
 the strong view of consistency training (for colour images a RandAugment-style kornia pipeline: colour
-jitter, posterize, solarize, equalize, sharpness, affine and cutout). All draws come from torch's global
-RNG, which the resumable state carries, so a resumed run sees the same augmentations."""
+jitter, posterize, solarize, equalize, sharpness, affine and cutout). Every draw goes through `core.rng`:
+the calling thread's generator in a sharded training step (derived from the seed and the step, so a resumed
+run sees the same augmentations), else torch's global generator."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_cli.core import rng
+
 
 def cutout(x: Tensor, fraction: float) -> Tensor:
     """Zero one random square of side `fraction` x the image side per image (DeVries & Taylor 2017)."""
@@ -20,8 +23,8 @@ def cutout(x: Tensor, fraction: float) -> Tensor:
         return x
     b, _, h, w = x.shape
     sh, sw = max(1, round(h * fraction)), max(1, round(w * fraction))
-    cy = torch.randint(0, h, (b, 1, 1), device=x.device)
-    cx = torch.randint(0, w, (b, 1, 1), device=x.device)
+    cy = rng.randint(0, h, (b, 1, 1), device=x.device)
+    cx = rng.randint(0, w, (b, 1, 1), device=x.device)
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     box = ((ys - cy).abs() <= sh // 2) & ((xs - cx).abs() <= sw // 2)
@@ -57,9 +60,18 @@ def _colour_pipeline(flip: bool):
     return K.AugmentationSequential(*ops)
 
 
+def prepare_colour_pipeline(flip: bool) -> None:
+    """Build (and run once, on a fixed input with a fixed seed) the kornia pipeline before sharded steps use it
+    from worker threads: whatever it sets up on its first call then happens the same way in every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _colour_pipeline(flip)(torch.zeros(2, 3, 8, 8))
+
+
 def colour_strong(x: Tensor, flip: bool = False) -> Tensor:
     """The strong view of colour images in [0, 1] (B, 3, H, W)."""
-    out = _colour_pipeline(flip)(x.float())
+    with rng.global_draws():  # kornia draws from the global generator and keeps state on its modules
+        out = _colour_pipeline(flip)(x.float())
     return out.clamp(0, 1).to(x.dtype)
 
 
@@ -74,10 +86,10 @@ def augment(x: Tensor, shift: float = 0.0, rotate: float = 0.0, flip: bool = Fal
         return crop_shift(x, int(shift), flip)
     b, _, h, w = x.shape
     dev = x.device
-    angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(rotate)
-    sx = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
-    tx = (torch.rand(b, device=dev) * 2 - 1) * shift * 2 / w  # grid coordinates span 2 per image side
-    ty = (torch.rand(b, device=dev) * 2 - 1) * shift * 2 / h
+    angle = (rng.rand(b, device=dev) * 2 - 1) * math.radians(rotate)
+    sx = torch.where(rng.rand(b, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
+    tx = (rng.rand(b, device=dev) * 2 - 1) * shift * 2 / w  # grid coordinates span 2 per image side
+    ty = (rng.rand(b, device=dev) * 2 - 1) * shift * 2 / h
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos * sx, -sin, tx], 1), torch.stack([sin * sx, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -93,14 +105,14 @@ def crop_shift(x: Tensor, shift: int, flip: bool = False) -> Tensor:
     s = max(0, min(shift, h - 1, w - 1))  # reflection needs the pad to be smaller than the side
     dev = x.device
     if s:
-        dy = torch.randint(0, 2 * s + 1, (b, 1, 1, 1), device=dev)
-        dx = torch.randint(0, 2 * s + 1, (b, 1, 1, 1), device=dev)
+        dy = rng.randint(0, 2 * s + 1, (b, 1, 1, 1), device=dev)
+        dx = rng.randint(0, 2 * s + 1, (b, 1, 1, 1), device=dev)
         padded = F.pad(x, (s, s, s, s), mode="reflect")
         rows = (torch.arange(h, device=dev).view(1, 1, h, 1) + dy).expand(b, x.shape[1], h, w + 2 * s)
         x = padded.gather(2, rows)
         cols = (torch.arange(w, device=dev).view(1, 1, 1, w) + dx).expand(b, x.shape[1], h, w)
         x = x.gather(3, cols)
     if flip:
-        mirror = torch.rand(b, device=dev) < 0.5
+        mirror = rng.rand(b, device=dev) < 0.5
         x = torch.where(mirror.view(b, 1, 1, 1), x.flip(3), x)
     return x

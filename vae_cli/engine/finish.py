@@ -5,6 +5,7 @@ uninterrupted one (and every rank computes the same).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from vae_cli.artifacts.rundir import RunDir
 from vae_cli.core.console import Reporter
 from vae_cli.core.errors import VaeError
 from vae_cli.core.recipe import Recipe
-from vae_cli.core.runtime import Runtime, cpu_budget, seeded
+from vae_cli.core.runtime import Runtime, cpu_budget, seeded, single_threaded
 from vae_cli.data import Dataset
 from vae_cli.data.streaming import is_lazy
 from vae_cli.engine import distributed
@@ -59,6 +60,7 @@ class TrainResult:
     pictures: dict[str, str] = field(default_factory=dict)  # picture key -> path written
     reject: dict[str, Any] | None = None  # the --reject calibration, without the held-out scores
     cpu: dict[str, Any] = field(default_factory=dict)  # the CPU budget (threads and where they came from)
+    init: dict[str, Any] | None = None  # what train.init loaded (engine/warmstart.py), None without one
 
     @property
     def paths(self) -> dict[str, str]:
@@ -68,7 +70,7 @@ class TrainResult:
         out = {"run_dir": str(self.run.root), "paths": self.paths, "device": self.device,
                "precision": self.precision, "epochs": self.epochs, "processes": self.processes, "rank": self.rank,
                "rank_checksums": self.rank_checksums, "train_seconds": self.train_seconds, "test": self.test,
-               "cpu": self.cpu}
+               "cpu": self.cpu, "init": self.init}
         if self.reject is not None:
             out["reject"] = self.reject
         return out
@@ -89,8 +91,9 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
         lab = lab[torch.randperm(len(lab), generator=torch.Generator().manual_seed(recipe.seed))[:STREAMED_FIT_IMAGES]]
         reporter.log(f"fitting the classifier on {len(lab)} of the {len(data.labelled)} labelled images "
                      f"(the dataset streams from disk)")
-    head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
-                                recipe.train.head_steps, 256)
+    with single_threaded() if rt.device.type == "cpu" else nullcontext():  # saved: the same on any cores
+        head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
+                                    recipe.train.head_steps, 256)
     checksums = [int(c) for c in d.gather(torch.tensor([distributed.checksum(model)], device=rt.device))]
     if len(set(checksums)) > 1:
         raise VaeError(f"the {d.world} processes ended with different weights (checksums {checksums}); "

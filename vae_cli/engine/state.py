@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from vae_cli.core.errors import CheckpointError
+from vae_cli.core.errors import CheckpointError, RecipeError
+from vae_cli.core.recipe import from_dict
 
 FORMAT = "vae-cli-state/1"
 
@@ -40,6 +41,8 @@ class Progress:
     eval_seconds: float = 0.0  # the last per-epoch test evaluation's wall time (plans train.eval_every > 1)
     planned_epochs: int = 0  # the schedule's length in epochs as last planned (train.minutes); 0: train.epochs
     grad_norm_avg: float = 0.0  # moving average of accepted updates' gradient norms (train.grad_skip)
+    init_warm: bool = False  # started from train.init with its generative part loaded: no KL warm-up
+    shards: int = 0  # shards per step on the CPU (engine/shards.py), fixed when the run started; 0: one pass
 
 
 def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -102,7 +105,11 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                               f"delete it to start the run over") from None
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a vae training state file; delete it to start the run over")
-    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"resume state '{path}' has damaged metadata ({type(e).__name__}); delete it to "
+                              f"start the run over") from None
     return tensors, meta
 
 
@@ -126,3 +133,28 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict, *, model, opt, sched, 
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return tensors["perm"].to(device), Progress(**meta["progress"])
+
+
+def _recipe_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            diffs += _recipe_differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            diffs.append(f"{prefix}{k}")
+    return diffs
+
+
+def _with_defaults(saved: dict) -> dict:
+    """An interrupted run's recipe with the keys added to the tool since it started at their defaults (each new
+    key's default keeps the old behaviour), so an upgrade between the stop and --resume is no difference; a
+    recipe this version cannot read at all is compared as it was saved."""
+    try:
+        return from_dict(saved).to_dict()
+    except RecipeError:
+        return saved
+
+
+def recipe_differences(saved: dict, now: dict) -> list[str]:
+    """The keys (dotted) in which an interrupted run's saved recipe and the one given to --resume differ."""
+    return _recipe_differences(_with_defaults(saved), now)

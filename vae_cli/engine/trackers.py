@@ -12,8 +12,10 @@ name, run = the run folder's name; params = the flattened recipe (`model.latent_
 at the end the weights file, report.html, metrics.csv and the pictures as artifacts. A resumed run continues
 the same MLflow run (its id is kept in the run folder).
 
-A tracker that fails mid-run (a tracking server gone away) is reported once on stderr and switched
-off: the training and its files matter more than the dashboard.
+A tracker that fails, at start-up (a tracking server that does not answer, an unwritable store) or mid-run
+(a server gone away), is reported in one line on stderr and switched off: the training and its files
+(metrics.csv above all) matter more than the dashboard. MLflow's HTTP client retries for minutes by
+default; here a request waits `MLFLOW_TIMEOUTS` (seconds, one retry) unless the user set those variables.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from vae_cli.core.errors import UsageError
 from vae_cli.core.recipe import Recipe
 
 MLFLOW_ID_FILE = "mlflow-run-id.txt"
+# MLflow's own defaults (7 retries, 2x back-off, 120 s timeout) keep a run waiting ~4 minutes on a dead server
+MLFLOW_TIMEOUTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:
@@ -101,6 +106,8 @@ class MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path.cwd() / "mlruns").resolve().as_uri()
         if uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked for; the issue's local default
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        for k, v in MLFLOW_TIMEOUTS.items():
+            os.environ.setdefault(k, v)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         id_file = run.root / MLFLOW_ID_FILE
@@ -164,17 +171,28 @@ class Trackers:
 
     def __init__(self, recipe: Recipe, run: RunDir, resumed: bool, reporter: Reporter) -> None:
         self.reporter = reporter
-        self.active = {n: TRACKERS[n](recipe, run, resumed) for n in recipe.train.loggers if n in TRACKERS}
+        self.active = {}
+        for n in (n for n in recipe.train.loggers if n in TRACKERS):
+            try:
+                self.active[n] = TRACKERS[n](recipe, run, resumed)
+            except UsageError:  # not installed: the install command, before any work
+                raise
+            except Exception as e:  # noqa: BLE001  (reported; the run goes on with metrics.csv)
+                self._failed(n, e, "at start-up")
         if "mlflow" in self.active:
             reporter.log(f"mlflow: run {self.active['mlflow'].run_id} at {self.active['mlflow'].uri}")
+
+    def _failed(self, name: str, e: Exception, when: str) -> None:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        self.reporter.log(f"warning: the {name} logger failed {when} ({type(e).__name__}: {first}); it is "
+                          f"switched off for this run (metrics.csv is written as always)")
 
     def _each(self, method: str, *args) -> None:
         for name, t in list(self.active.items()):
             try:
                 getattr(t, method)(*args)
             except Exception as e:  # noqa: BLE001  (reported, then that tracker is off; training goes on)
-                self.reporter.log(f"warning: the {name} logger failed ({type(e).__name__}: {e}); "
-                                  f"it is switched off for the rest of this run")
+                self._failed(name, e, "mid-run")
                 del self.active[name]
 
     def epoch(self, row: dict[str, Any]) -> None:

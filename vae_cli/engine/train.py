@@ -26,6 +26,7 @@ from vae_cli.engine.loop import Loop
 from vae_cli.engine.runlock import RunLock
 from vae_cli.engine.trackers import Trackers
 from vae_cli.engine.trackers import require as trackers_require
+from vae_cli.engine.warmstart import warm_start
 from vae_cli.evaluation import reject
 from vae_cli.models import build_model
 
@@ -38,12 +39,13 @@ def train(recipe: Recipe, *, out: str | Path = "runs", name: str | None = None, 
     d = distributed.setup(recipe.train.device)
     try:
         reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
-        rt = resolve(recipe.train.device, recipe.train.precision, d.local_rank)
+        rt = resolve(recipe.train.device, recipe.train.precision, d.local_rank, budget=False)
         run = RunDir.create(out, name or recipe.name or "run", exist_ok or resume) if d.is_main else None
         fresh = d.is_main and not any(run.root.iterdir())
         run = RunDir(d.share_path(run.root if run else None, rt.device))
         try:
             with RunLock(run.root) if d.is_main else nullcontext(), seeded_everything(recipe.seed, rt.device):
+                cpu_budget()  # announced to the other vae jobs only now: a run refused by the lock is no peer
                 return _train_in(run, recipe, resume, reporter, rt, d)
         except BaseException:
             if fresh:  # failed before writing anything (bad data, say): leave no empty runs/NAME behind
@@ -64,7 +66,14 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
         raise RecipeError(why)
     if d.enabled:
         torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
-    loop = Loop(model, data, recipe, rt, run, reporter, d)
+    init = None
+    if recipe.train.init and not (resume and run.state.is_file()):  # a resumed run has its weights in its state
+        init = warm_start(model, recipe.train.init, data.classes,
+                          lambda k: build_model(recipe.model, data.image_shape, k))
+        reporter.log(init.describe())
+    loop = Loop(model, data, recipe, rt, run, reporter, d)  # after the init: the EMA starts from those weights
+    if init is not None:
+        loop.started_warm(init.warm)
     d.barrier()  # rank 0 has cleaned the folder before anyone reads the state file
     if resume and run.state.is_file():
         loop.resume_from(run.state)
@@ -77,12 +86,15 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
     trackers = Trackers(recipe, run, resume and loop.progress.epoch > 1, reporter) if d.is_main else None
     loop.on_epoch = trackers.epoch if trackers else None
     procs = f", {d.world} processes" if d.enabled else ""
+    procs += f", {loop.progress.shards} shards a step" if loop.progress.shards else ""
     reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
                  f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
                  f"{rt.device.type}/{rt.precision}{procs}, {cpu_budget().describe()} -> {run.root}")
     try:
         rows = loop.run()
+        loop.use_average()  # train.ema: the averaged weights are the ones evaluated and saved from here on
         result = finish(model, data, recipe, rt, run, rows, reporter, time.perf_counter() - t_start, d)
+        result.init = init.as_dict() if init is not None else None
     except BaseException:
         if trackers:
             trackers.close()

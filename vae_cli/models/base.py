@@ -25,6 +25,9 @@ class Batch:
     # The strong view for consistency terms; the training loop passes one that follows the recipe's
     # augmentation keys (train.augment_flip). Standalone batches get the default strong view.
     strong: Callable[[Tensor], Tensor] = field(default=strong_view)
+    # The fraction of the step's batch this is (1/n for one of n shards, engine/shards.py): a per-step count
+    # such as model.unlabelled_elbo_images is taken in proportion, so sharding does not multiply it.
+    share: float = 1.0
 
 
 class Model(nn.Module):

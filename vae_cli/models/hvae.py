@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vae_cli.core import rng
 from vae_cli.models import losses
 from vae_cli.models.base import Model
 from vae_cli.models.likelihoods import decoder_channels, make_likelihood
@@ -117,7 +118,7 @@ class TopDownGroup(nn.Module):
         if z_given is not None:
             z = z_given
         elif mode == "prior":
-            z = pm + ps * torch.randn_like(pm) * temperature
+            z = pm + ps * rng.randn_like(pm) * temperature
         else:
             qm, qs = self.posterior(torch.cat([h, enc.to(h.dtype)], 1)).chunk(2, 1)
             qs = _scale_std(qs)
@@ -126,7 +127,7 @@ class TopDownGroup(nn.Module):
             if mode == "mean":
                 z = qm
             else:
-                z = qm + qs * torch.randn_like(qm)
+                z = qm + qs * rng.randn_like(qm)
                 p_logvar = 2 * torch.log(ps)
                 if mode == "sample":
                     out["kl"] = losses.gaussian_kl_two(qm, q_logvar, pm, p_logvar)

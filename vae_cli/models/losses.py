@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_cli.core import rng
+
 
 def _flat_sum(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
@@ -44,7 +46,7 @@ def gaussian_nll(mean: Tensor, log_scale: Tensor, x: Tensor) -> Tensor:
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
     """z = mu + sigma * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014, 2.4)."""
-    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    return mu + rng.randn_like(mu) * torch.exp(0.5 * logvar)
 
 
 def elbo_terms(recon_nll: Tensor, kl: Tensor, kl_weight: float = 1.0) -> dict[str, Tensor]:

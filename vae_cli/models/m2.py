@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vae_cli.core import rng
 from vae_cli.models import losses
 from vae_cli.models.base import Batch, Model
 from vae_cli.models.likelihoods import decoder_channels, make_likelihood
@@ -59,7 +60,7 @@ def random_turns(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each image turned by a random multiple of 90 degrees (of 180 when it is not square), with the turn's
     index (0-3). Draws from torch's global RNG, so a resumed run repeats them."""
     square = x.shape[-1] == x.shape[-2]
-    turns = torch.randint(0, 4, (len(x),), device=x.device)
+    turns = rng.randint(0, 4, (len(x),), device=x.device)
     if not square:
         turns = (turns // 2) * 2
     out = x.clone()
@@ -86,7 +87,7 @@ def reorder_channels(x: Tensor, orders: Tensor) -> Tensor:
 def random_channel_orders(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each colour image with its channels in a random one of the 6 orders, with the order's index. Draws
     from torch's global RNG, so a resumed run repeats them."""
-    orders = torch.randint(0, len(CHANNEL_ORDERS), (len(x),), device=x.device)
+    orders = rng.randint(0, len(CHANNEL_ORDERS), (len(x),), device=x.device)
     return reorder_channels(x, orders), orders
 
 
@@ -117,7 +118,7 @@ class M2(Model):
         self.input_shape = tuple(input_shape or image_shape)  # M1+M2 feeds latent vectors instead
         K = num_classes
         self.trunk = make_encoder(self.input_shape, cfg)
-        self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), mlp(self.trunk.out_dim, cfg.head_hidden, K))
+        self.classifier = nn.Sequential(rng.Dropout(cfg.dropout), mlp(self.trunk.out_dim, cfg.head_hidden, K))
         self._init_generator(cfg)
         if cfg.rotation > 0 and len(self.input_shape) == 3:  # which quarter turn (only 0/180 if not square)
             self.rotation_head = nn.Linear(self.trunk.out_dim, 4)
@@ -170,7 +171,8 @@ class M2(Model):
         # The batch is a random slice of the shuffled training set, so its first n images are a random
         # subset: the class enumeration (K decoder passes per image) runs on those only when asked, and the
         # rest only give (gradient-free) pseudo-labels to the consistency term.
-        n = min(cfg.unlabelled_elbo_images or len(batch.x), len(batch.x))
+        want = cfg.unlabelled_elbo_images
+        n = min(math.ceil(want * batch.share) if want else len(batch.x), len(batch.x))
         h = self.trunk(batch.x[:n])
         q = F.softmax(self.class_logits(h), 1)
         q_all = q.detach()
@@ -210,7 +212,7 @@ class M2(Model):
         """The self-supervised tasks on the labelled images and those of the enumeration, in one trunk pass: with
         both heads the first half turned by a random quarter turn, the second half given a random channel
         order (one transformation per image: both at once made each task harder, and accuracy paid for it;
-        docs/ARCHITECTURE.md); with one head, every image."""
+        docs/DECISIONS.md); with one head, every image."""
         cfg, out = self.cfg, {}
         cut = len(x) // 2 if self.has_rotation_head and self.has_colour_head else (
             len(x) if self.has_rotation_head else 0)

@@ -32,13 +32,17 @@ from vae_cli.models.hvae import HVAE
 from vae_cli.models.m2 import M2
 from vae_cli.models.nets import one_hot
 from vae_cli.models.registry import register
+from vae_cli.models.vae import ClassCodes
 
 LADDER_KEYS = ("decoder_width", "latent_channels", "depth", "latent_levels")
 
 
 @register("m2h")
-class M2H(M2):
-    """M2 whose p(x|y,z) is a hierarchical VAE's ladder, trained on SHOT-VAE's smooth ELBO (one decoder pass)."""
+class M2H(ClassCodes, M2):
+    """M2 whose p(x|y,z) is a hierarchical VAE's ladder, trained on SHOT-VAE's smooth ELBO (one decoder pass).
+    Class-conditional samples start from codes of the class (`ClassCodes` over the ladder's coarsest groups,
+    fitted on the labelled images after training): the ladder, told the class at its top, learns to ignore it
+    (its samples of a class were classified at chance, BENCHMARKS.md session 16)."""
 
     reads = (*(k for k in M2.reads if k not in ("decoder", "latent_dim")), *LADDER_KEYS)
 
@@ -47,6 +51,16 @@ class M2H(M2):
             raise ValueError("m2h models images (C, H, W), not vectors")
         ladder_cfg = dataclasses.replace(cfg, width=cfg.decoder_width or cfg.width)
         self.gen = HVAE(ladder_cfg, self.input_shape, self.num_classes, conditional=True)
+        self._init_class_codes(self.gen.code_dim, self.num_classes)
+
+    def fit_classifier(self, x: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:
+        """After training: each class's Gaussian over the coarsest codes of its labelled images (given their
+        class), for class-conditional sampling. q(y|x) is trained with the model: `steps` is unused."""
+        with torch.no_grad():
+            self.eval()
+            parts = [self.gen.latent_posterior(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
+            self.fit_class_codes(torch.cat([m for m, _ in parts]).float(), torch.cat([v for _, v in parts]).float(), y)
+        return {}
 
     @property
     def latent_size(self) -> int:
@@ -104,9 +118,12 @@ class M2H(M2):
         return self.gen.likelihood.mean(params)
 
     def sample(self, n, y=None, temperature=1.0):
+        """n images; y (indices): their classes, each from a code of its class (`ClassCodes`), finer groups from
+        the ladder's prior."""
         if y is None:
             y = torch.arange(n, device=self.device) % self.num_classes
-        return self.gen.draw(n, temperature, y=self._y(y))
+        codes = self.class_codes(y, temperature)
+        return self.gen.draw(n, temperature, top_codes=codes, y=self._y(y))
 
     def reconstruct(self, x):
         return self.gen.reconstruct(x, self._predicted(x))

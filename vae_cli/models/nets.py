@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vae_cli.core import rng
 from vae_cli.core.registry import Registry
 
 MAX_DOWNSAMPLES = 4
@@ -247,12 +248,16 @@ class Backbone:
     encoder: type[nn.Module]
     decoder: type[nn.Module]
     uses_width: bool = True  # whether `model.width` sizes it (the MLP has no channels)
+    # whether `model.hidden` sizes the encoder / the decoder (the resnet encoder ends in global pooling, the deep
+    # decoder starts from its feature map: neither has a hidden layer)
+    encoder_hidden: bool = True
+    decoder_hidden: bool = True
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone", "model.backbone")
 BACKBONES.add("small", Backbone(Encoder, Decoder))
-BACKBONES.add("deep", Backbone(DeepEncoder, DeepDecoder))
-BACKBONES.add("resnet", Backbone(ResEncoder, ResDecoder))
+BACKBONES.add("deep", Backbone(DeepEncoder, DeepDecoder, decoder_hidden=False))
+BACKBONES.add("resnet", Backbone(ResEncoder, ResDecoder, encoder_hidden=False))
 BACKBONES.add("mlp", Backbone(MLPEncoder, MLPDecoder, uses_width=False))
 
 
@@ -272,7 +277,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Modu
     """A one-hidden-layer perceptron (or a linear map when hidden == 0)."""
     if hidden == 0:
         return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden), _act(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden), _act(), rng.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
 def one_hot(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:

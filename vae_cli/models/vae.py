@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vae_cli.core import rng
 from vae_cli.models import losses
 from vae_cli.models.base import Model
 from vae_cli.models.likelihoods import decoder_channels, make_likelihood
@@ -21,17 +22,45 @@ from vae_cli.models.nets import fp32, make_decoder, make_encoder, mlp
 from vae_cli.models.registry import register
 
 
-class M1Head:
+class ClassCodes:
+    """Class-conditional sampling through the latent code: one Gaussian per class over the codes of that class's
+    labelled images (their posterior means, spread by the means' variance plus the mean posterior variance),
+    fitted after training; a sample of class c decodes a code drawn from class c's Gaussian. The ex-post density
+    estimate of Ghosh et al. 2020 ("From variational to deterministic autoencoders", section 4), one component
+    per class. A decoder that is told the class can still ignore it (a hierarchical M2's does: its samples
+    were classified at chance); the codes of real images of the class cannot. The buffers travel in the weights
+    file."""
+
+    def _init_class_codes(self, k: int, num_classes: int) -> None:
+        self.register_buffer("class_mu", torch.zeros(num_classes, k))
+        self.register_buffer("class_logvar", torch.zeros(num_classes, k))
+
+    def fit_class_codes(self, mu: Tensor, logvar: Tensor, y: Tensor) -> None:
+        with torch.no_grad():
+            for c in range(self.num_classes):
+                sel = mu[y == c]
+                if len(sel):
+                    self.class_mu[c] = sel.mean(0)
+                    spread = sel.var(0, unbiased=False) + logvar[y == c].exp().mean(0)
+                    self.class_logvar[c] = spread.clamp_min(1e-6).log()
+
+    def class_codes(self, y: Tensor, temperature: float) -> Tensor:
+        """Codes drawn from each class's Gaussian over the latent means, fitted on the labelled images."""
+        eps = torch.randn(len(y), self.class_mu.shape[1], device=self.class_mu.device) * temperature
+        return self.class_mu[y] + eps * torch.exp(0.5 * self.class_logvar[y])
+
+
+class M1Head(ClassCodes):
     """The M1 classifier (Kingma et al. 2014, section 3.1) over a model's `latent_posterior`: per-class
-    Gaussians over the latent means (class-conditional sampling) and a small head fitted on posterior draws of
-    the labelled images after training. Mixed into unsupervised models; the buffers travel in the weights file."""
+    Gaussians over the latent means (class-conditional sampling, `ClassCodes`) and a small head fitted on
+    posterior draws of the labelled images after training. Mixed into unsupervised models; the buffers travel in
+    the weights file."""
 
     def _init_m1(self, k: int, num_classes: int, head_hidden: int, dropout: float) -> None:
         self.head = mlp(k, head_hidden, num_classes, dropout=dropout)
         self.register_buffer("feat_mean", torch.zeros(k))
         self.register_buffer("feat_std", torch.ones(k))
-        self.register_buffer("class_mu", torch.zeros(num_classes, k))
-        self.register_buffer("class_logvar", torch.zeros(num_classes, k))
+        self._init_class_codes(k, num_classes)
 
     def _features(self, z: Tensor) -> Tensor:
         return (z - self.feat_mean) / self.feat_std
@@ -43,12 +72,7 @@ class M1Head:
             mu, logvar = torch.cat(mu).float(), torch.cat(logvar).float()
             self.feat_mean.copy_(mu.mean(0))
             self.feat_std.copy_(mu.std(0).clamp_min(1e-3) if len(mu) > 1 else torch.ones_like(mu[0]))
-            for c in range(self.num_classes):
-                sel = mu[y == c]
-                if len(sel):
-                    self.class_mu[c] = sel.mean(0)
-                    spread = sel.var(0, unbiased=False) + logvar[y == c].exp().mean(0)
-                    self.class_logvar[c] = spread.clamp_min(1e-6).log()
+            self.fit_class_codes(mu, logvar, y)
         if steps == 0:
             return {}
         opt = torch.optim.AdamW(self.head.parameters(), lr=3e-3, weight_decay=1e-3)
@@ -56,7 +80,7 @@ class M1Head:
         self.head.train()
         n, total = len(mu), 0.0
         for step in range(steps):
-            idx = torch.randint(n, (min(batch_size, n),), device=mu.device)
+            idx = rng.randint(0, n, (min(batch_size, n),), device=mu.device)
             z = losses.reparameterize(mu[idx], logvar[idx])
             loss = F.cross_entropy(self.head(self._features(z)), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -70,10 +94,6 @@ class M1Head:
     def predict_logits(self, x):
         return self.head(self._features(self.latent_means(x).float())).float()
 
-    def class_codes(self, y: Tensor, temperature: float) -> Tensor:
-        """Codes drawn from each class's Gaussian over the latent means, fitted on the labelled images."""
-        eps = torch.randn(len(y), self.class_mu.shape[1], device=self.class_mu.device) * temperature
-        return self.class_mu[y] + eps * torch.exp(0.5 * self.class_logvar[y])
 
 
 @register("vae")
@@ -81,6 +101,8 @@ class VAE(M1Head, Model):
     """Convolutional Gaussian-latent VAE (Kingma & Welling 2014) with an M1 latent classifier."""
 
     needs_labelled_batch = False  # unsupervised; labels are used after the loop, by fit_classifier
+    # model.hidden sizes the backbones only: it is read when the chosen encoder or decoder has a hidden layer
+    via_backbone = ("hidden",)
     reads = ("backbone", "decoder", "latent_dim", "width", "hidden", "likelihood", "mixtures", "beta",
              "head_hidden", "dropout", "test_flip")
 
