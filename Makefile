@@ -6,7 +6,7 @@ VAE    := $(VENV)/bin/vae
 STAMP  := $(VENV)/.installed
 RUN    := runs/digits
 
-.PHONY: install test demo lint clean bench-accuracy bench-speed bench-eval bench-cifar bench-vae bench-reject bench-export bench-concurrency
+.PHONY: install test test-fast demo lint clean bench-accuracy bench-speed bench-eval bench-cifar bench-vae bench-reject bench-export bench-concurrency
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the pure functions and the models' maths only (tests marked slow start processes or train): a quick check
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The main job on the embedded digits set: train, evaluate, sample, classify real PNG files.
 demo: $(STAMP)

@@ -44,3 +44,24 @@ def digits_run(tmp_path_factory, runner):
                               "--json", "--quiet", "epochs=15"])
     assert res.exit_code == 0, res.output
     return out / "digits"
+
+
+# `make test-fast` (pytest -m "not slow"): the pure functions and the models' maths. Slow: a test that starts
+# processes or trains through the CLI, i.e. one in these modules or using one of these fixtures.
+SLOW_MODULES = {"test_resilience", "test_shards", "test_distributed", "test_device_check", "test_outputs", "test_hvae",
+                "test_train", "test_photos", "test_peers", "test_warmstart", "test_calibrate", "test_embed_api",
+                "test_hardening", "test_cpu", "test_grey_few_labels", "test_rotation", "test_streaming",
+                "test_recipes_completion", "test_trackers", "test_export", "test_pictures", "test_reject",
+                "test_reject_scores", "test_fuzz_files", "test_bad_input", "test_cli", "test_device"}
+SLOW_FIXTURES = {"tiny_run", "digits_run", "runner", "photos"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or trains (left out by `make test-fast`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
