@@ -60,14 +60,6 @@ def _colour_pipeline(flip: bool):
     return K.AugmentationSequential(*ops)
 
 
-def prepare_colour_pipeline(flip: bool) -> None:
-    """Build (and run once, on a fixed input with a fixed seed) the kornia pipeline before sharded steps use it
-    from worker threads: whatever it sets up on its first call then happens the same way in every run."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        _colour_pipeline(flip)(torch.zeros(2, 3, 8, 8))
-
-
 def colour_strong(x: Tensor, flip: bool = False) -> Tensor:
     """The strong view of colour images in [0, 1] (B, 3, H, W)."""
     with rng.global_draws():  # kornia draws from the global generator and keeps state on its modules

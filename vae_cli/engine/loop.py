@@ -28,7 +28,7 @@ from vae_cli.core.errors import CheckpointError, Interrupted, UsageError, VaeErr
 from vae_cli.core.recipe import Recipe
 from vae_cli.core.runtime import Runtime, granted_cores, recheck_cpu_budget
 from vae_cli.data import SPLIT_SEED, Dataset
-from vae_cli.data.augment import augment, prepare_colour_pipeline, strong
+from vae_cli.data.augment import augment, strong
 from vae_cli.data.streaming import is_lazy
 from vae_cli.engine import state
 from vae_cli.engine.distributed import Dist
@@ -220,8 +220,6 @@ class Loop:
         if self.shards is not None:
             self.shards.close()
         self.shards = Shards(self.model, n, self.recipe.seed) if n else None
-        if n and self.x.ndim == 4 and self.x.shape[1] == 3:
-            prepare_colour_pipeline(self.recipe.train.augment_flip)
         self.progress.shards = n
         if n and self.scaler.is_enabled():  # the scale tensor is made on first use: here, not racing in the shards
             self.scaler.scale(torch.zeros((), device=self.rt.device))
