@@ -83,11 +83,11 @@ def test_training_reaches_the_strong_view_reports_the_optimizer_and_restores_glo
     - train.augment_flip reaches the consistency term's strong view (it once never did);
     - a missing fused AdamW kernel is said on stderr, not silently replaced;
     - the caller's RNGs and warning filters are as they were before `train()`."""
-    from vae_cli.engine import loop, train
+    from vae_cli.engine import loop, step, train
 
     seen = []
-    real_strong = loop.strong
-    monkeypatch.setattr(loop, "strong", lambda x, flip=False: seen.append(flip) or real_strong(x, flip=flip))
+    real_strong = step.strong
+    monkeypatch.setattr(step, "strong", lambda x, flip=False: seen.append(flip) or real_strong(x, flip=flip))
     real_adamw = torch.optim.AdamW
 
     def no_fused(params, **kw):

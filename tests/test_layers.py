@@ -96,3 +96,31 @@ def test_the_layer_test_catches_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from vae_cli.engine.train import train\n")
     assert _layer("vae_cli.core.bad") < max(_layer(t) for t in _imports(bad, top_level_only=False))
+
+
+# the loop and its parts read top to bottom: no function in engine/ longer than this many lines (issue 32)
+ENGINE_FUNCTION_LINES = 40
+
+
+def test_no_function_in_the_engine_is_longer_than_40_lines():
+    long = []
+    for path in sorted((PKG / "engine").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > ENGINE_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
+
+
+def test_every_command_says_whether_it_computes():
+    """Commands are registered through `cli.app.command(name, computes=...)`, which fills COMPUTING (the
+    commands that announce themselves to other vae jobs); none goes around it."""
+    import vae_cli.cli  # noqa: F401  (registers the commands)
+    from vae_cli.cli.app import COMPUTING, app
+
+    names = {c.name for c in app.registered_commands}
+    assert names == COMPUTING | {"info"}
+    assert {"train", "eval", "classify", "sample", "embed", "export", "plot", "calibrate"} <= COMPUTING
+    for path in (PKG / "cli").glob("*.py"):
+        assert "@app.command" not in path.read_text(encoding="utf-8"), path.name

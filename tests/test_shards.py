@@ -18,6 +18,7 @@ from torch import nn
 from tests.test_peers import hold, needs_two
 from tests.test_photos import PHOTO, photos  # noqa: F401  (the fixture)
 from vae_cli.core import rng
+from vae_cli.core.runtime import Runtime
 from vae_cli.engine.shards import Shards, auto_count, shard_seed, split
 
 from .conftest import ROOT
@@ -187,16 +188,44 @@ def test_kill_9_and_resume_while_jobs_come_and_go_is_bit_identical(tmp_path):
 
 
 def test_photo_m2_with_kornia_and_batch_norm_is_the_same_on_one_or_two_threads(tmp_path, photos):  # noqa: F811
+    """The photo recipes' step (kornia strong view, batch norm, the decoder used for several classes) under bf16
+    autocast: two shards one after another (1 thread) and side by side (2 threads, twice) give the same bits.
+    Side by side, autocast's shared weight cache made the gradients differ from run to run (26 of 57 tensors)."""
     root, _ = photos
     runs = {}
-    for threads in ("1", "2"):
+    for name, threads in (("a", "1"), ("b", "2"), ("c", "2")):
         res = subprocess.run([sys.executable, "-m", "vae_cli", "train", "recipes/tiny.yaml", *PHOTO,
                               f"data.root={root}", "epochs=2", "train.shards=2", "--out", str(tmp_path), "--name",
-                              f"t{threads}", "--device", "cpu", "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "VAE_THREADS": threads})
+                              name, "--device", "cpu", "--precision", "bf16", "--quiet"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "VAE_THREADS": threads, "VAE_CPU_SHARE": "off"})
         assert res.returncode == 0, res.stderr
-        runs[threads] = tmp_path / f"t{threads}" / "model.safetensors"
-    assert _same(runs["1"], runs["2"]) == []
+        runs[name] = tmp_path / name / "model.safetensors"
+    assert _same(runs["a"], runs["b"]) == []
+    assert _same(runs["b"], runs["c"]) == []
+
+
+def _twice_used_weight_grad(cache: bool, other_thread_leaves_autocast: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    lin, x = nn.Linear(64, 64), torch.randn(32, 64)
+    with Runtime(torch.device("cpu"), "bf16").autocast(cache=cache):
+        h = torch.tanh(lin(x))
+        if other_thread_leaves_autocast:  # what a shard finishing its forward does while this one runs
+            def other() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    pass
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        out = lin(h)
+    out.float().pow(2).sum().backward()
+    return lin.weight.grad
+
+
+def test_the_shards_autocast_does_not_depend_on_other_threads():
+    """core/runtime.py: without autocast's weight cache, another thread leaving autocast mid-forward changes
+    nothing (with it, on torch 2.x, the weight used twice gets a different gradient)."""
+    assert torch.equal(_twice_used_weight_grad(False, False), _twice_used_weight_grad(False, True))
 
 
 def test_the_shard_count_is_kept_by_a_resumed_run(tmp_path):

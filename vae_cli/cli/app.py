@@ -13,6 +13,7 @@ import typer
 
 from vae_cli import __version__
 from vae_cli.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_RUNTIME, VaeError, describe_os_error
+from vae_cli.evaluation.catalog import REJECT_SCORES
 
 app = typer.Typer(
     name="vae",
@@ -39,9 +40,8 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-# The --reject scores, for help texts (written out: the registry lives beside torch, which --help must not import;
-# tests/test_reject_scores.py holds the two to the same names)
-SCORES_HELP = "likelihood | complexity | confidence | energy | knn | rotation | colour | ratio | combined"
+# The --reject scores, for help texts: from the torch-free table their registry is built on
+SCORES_HELP = " | ".join(REJECT_SCORES)
 
 
 class Format(str, Enum):
@@ -98,10 +98,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-# the commands that compute: they announce themselves to other vae jobs before importing torch (whose import
-# is seconds of CPU), so a training beside them shares its cores from their first moment (core/peers.py);
-# `train` announces itself once it holds its run folder's lock (a run refused with exit 75 is nobody's peer)
-COMPUTING = {"train", "eval", "classify", "sample", "embed", "export", "plot", "calibrate"}
+# The commands that compute, filled by `command(..., computes=True)`: they announce themselves to other vae jobs
+# before importing torch (whose import is seconds of CPU), so a training beside them shares its cores from their
+# first moment (core/peers.py); `train` announces itself once it holds its run folder's lock (a run refused with
+# exit 75 is nobody's peer).
+COMPUTING: set[str] = set()
+
+
+def command(name: str, *, computes: bool, **settings: Any) -> Callable[[Callable], Callable]:
+    """Register a subcommand, its errors turned into one line (`guarded`). Every command says whether it
+    computes (loads torch and a model: it then shares the cores with other vae jobs) where it is defined."""
+    def register(fn: Callable) -> Callable:
+        if computes:
+            COMPUTING.add(name)
+        return app.command(name, **settings)(guarded(fn))
+    return register
 
 
 @app.callback()

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import typer
 
-from vae_cli.cli.app import SCORES_HELP, Device, Precision, app, err, guarded, runtime_for
+from vae_cli.cli.app import SCORES_HELP, Device, Precision, command, err, runtime_for
 from vae_cli.core.fsutil import check_output
 
 
-@app.command()
-@guarded
+@command("calibrate", computes=True)
 def calibrate(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the recalibrated file here (default: "

@@ -7,12 +7,11 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import SCORES_HELP, Device, Format, app, err, guarded, path_args, runtime_name
+from vae_cli.cli.app import SCORES_HELP, Device, Format, command, err, path_args, runtime_name
 from vae_cli.core.errors import UsageError
 
 
-@app.command()
-@guarded
+@command("classify", computes=True)
 def classify(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) and globs; '-' reads "

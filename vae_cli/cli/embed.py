@@ -6,14 +6,13 @@ from pathlib import Path
 
 import typer
 
-from vae_cli.cli.app import Device, app, err, guarded, path_args, runtime_name
+from vae_cli.cli.app import Device, command, err, path_args, runtime_name
 from vae_cli.core.errors import UsageError
 
 SUFFIXES = (".npy", ".csv", ".parquet")
 
 
-@app.command()
-@guarded
+@command("embed", computes=True)
 def embed(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) and globs; '-' reads "

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import Device, Precision, app, err, guarded, runtime_for
+from vae_cli.cli.app import Device, Precision, command, err, runtime_for
 from vae_cli.core.errors import UsageError
 
 SPLITS = ("test", "train", "holdout")
@@ -41,8 +41,7 @@ def _probe_set(data, per_class: int, seed: int):
     return data.train_x[idx], data.train_y[idx]
 
 
-@app.command("eval")
-@guarded
+@command("eval", computes=True)
 def eval_(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     split: str = typer.Option("test", "--split", help="test | train | holdout: a split of the recipe's dataset."),

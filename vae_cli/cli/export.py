@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import app, err, guarded
+from vae_cli.cli.app import command, err
 
 
 class ExportFormat(str, Enum):
@@ -22,8 +22,7 @@ class Part(str, Enum):
     decoder = "decoder"
 
 
-@app.command()
-@guarded
+@command("export", computes=True)
 def export(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     fmt: ExportFormat = typer.Option(ExportFormat.onnx, "--format", "-f", help="onnx (needs pip install "

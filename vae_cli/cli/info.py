@@ -8,12 +8,11 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import app, guarded
+from vae_cli.cli.app import command
 from vae_cli.core.errors import UsageError
 
 
-@app.command()
-@guarded
+@command("info", computes=False)
 def info(
     weights: Path | None = typer.Argument(None, help="A model.safetensors written by `vae train`."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

@@ -7,13 +7,12 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import Device, app, guarded
+from vae_cli.cli.app import Device, command
 from vae_cli.cli.eval import load_with_data
 from vae_cli.core.errors import UsageError
 
 
-@app.command()
-@guarded
+@command("plot", computes=True)
 def plot(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the PNGs and report.html "

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import Device, app, guarded, runtime_for
+from vae_cli.cli.app import Device, command, runtime_for
 from vae_cli.core.errors import UsageError
 from vae_cli.core.fsutil import check_output
 
@@ -22,8 +22,7 @@ def _class_index(meta: dict, cls: str) -> int:
     raise UsageError(f"--class '{cls}' is not one of the model's classes: {', '.join(classes)}")
 
 
-@app.command()
-@guarded
+@command("sample", computes=True)
 def sample(
     weights: Path = typer.Argument(..., help="A model.safetensors written by `vae train`."),
     n: int = typer.Option(64, "-n", "--num", min=1, max=4096, help="How many images."),

@@ -8,13 +8,12 @@ from pathlib import Path
 import typer
 
 from vae_cli.cli import output as show
-from vae_cli.cli.app import Device, Precision, app, guarded
+from vae_cli.cli.app import Device, Precision, command
 from vae_cli.cli.completion import complete_override, complete_recipe
 from vae_cli.core.errors import EXIT_NOT_PROMOTED, UsageError
 
 
-@app.command(context_settings={"allow_extra_args": False})
-@guarded
+@command("train", computes=True, context_settings={"allow_extra_args": False})
 def train(
     recipe: str = typer.Argument(..., help="A YAML recipe file, or a shipped recipe's name (`vae info --recipes`): "
                                  "digits, mnist-100-labels, cifar10-4000-labels, ...", autocompletion=complete_recipe),

@@ -23,10 +23,16 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16 (resolved, never "auto")
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
+        """Mixed precision for a forward pass. `cache=False` for forwards that run in threads side by side
+        (engine/shards.py): autocast keeps its low-precision copies of the weights in one cache for the whole
+        process, and a thread leaving autocast empties it for every thread. A weight used twice in a forward
+        then got one cast (its two gradients added in bf16) or two (added in fp32), depending on when another
+        thread finished: the same losses, different gradients from run to run. Without the cache every use
+        casts on its own, the same on any timing."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision], cache_enabled=cache)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.

@@ -22,34 +22,26 @@ from pathlib import Path
 import torch
 
 from vae_cli.artifacts.rundir import RunDir
-from vae_cli.core import cpu, fsutil, rng
+from vae_cli.core import fsutil
 from vae_cli.core.console import Reporter
-from vae_cli.core.errors import CheckpointError, Interrupted, UsageError, VaeError
+from vae_cli.core.errors import CheckpointError, Interrupted, UsageError
 from vae_cli.core.recipe import Recipe
-from vae_cli.core.runtime import Runtime, granted_cores, recheck_cpu_budget
+from vae_cli.core.runtime import Runtime, recheck_cpu_budget
 from vae_cli.data import SPLIT_SEED, Dataset
-from vae_cli.data.augment import augment, strong
 from vae_cli.data.streaming import is_lazy
 from vae_cli.engine import state
 from vae_cli.engine.distributed import Dist
 from vae_cli.engine.ema import EMA
 from vae_cli.engine.schedule import adamw, lr_lambda, plan_epochs
-from vae_cli.engine.shards import Shards, auto_count, split
+from vae_cli.engine.shards import Shards
+from vae_cli.engine.step import INJECT_NAN_ENV, Steps
 from vae_cli.evaluation.evaluate import evaluate
-from vae_cli.models.base import Batch
 
 # Per-epoch numbers in metrics.csv use 2,000 test images only, so a 10,000-image test set does not
 # dominate epoch time; the final evaluation uses the whole split.
 EPOCH_EVAL = 2000
-MAX_SKIPPED_IN_A_ROW = 50
-# Test hook: make the loss NaN at this (1-based) global step, to exercise divergence handling for real.
-INJECT_NAN_ENV = "VAE_INJECT_NAN_STEP"
 # Test hook: a cheaper torch.compile backend (e.g. aot_eager) for tests of the compile plumbing.
 COMPILE_BACKEND_ENV = "VAE_COMPILE_BACKEND"
-
-
-class TrainingDiverged(VaeError):
-    """The loss went NaN/inf; the message names the step."""
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -86,8 +78,8 @@ def _quiet_known_warnings():
         yield
 
 
-class Loop:
-    """The optimisation loop and its resumable state."""
+class Loop(Steps):
+    """The optimisation loop and its resumable state (its steps: engine/step.py)."""
 
     def __init__(self, model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, reporter: Reporter,
                  d: Dist | None = None):
@@ -98,36 +90,15 @@ class Loop:
         if tc.batch_size < self.d.world:
             raise UsageError(f"train.batch_size={tc.batch_size} is the global batch and must be at least the "
                              f"number of processes ({self.d.world})")
-        # binarize=stochastic: batches are drawn from the grey images, a fresh Bernoulli sample each step
-        self.stochastic = data.train_grey is not None
-        self.x = (data.train_grey if self.stochastic else data.train_x).to(rt.device)
-        self.y = data.train_y.to(rt.device)
-        self.lab_idx = data.labelled.to(rt.device)
-        self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=rt.device)
-        self.labelled[self.lab_idx] = True
+        self._place_data(data)
         self.bs = min(tc.batch_size, len(self.x))
         self.lbs = min(tc.labelled_batch_size, len(self.lab_idx))
         self.steps_per_epoch = math.ceil(len(self.x) / self.bs)
         self.planned = tc.epochs  # with a time budget (train.minutes), re-planned after each epoch
         self.total = self.planned * self.steps_per_epoch
         self.warmup = tc.kl_warmup_epochs * self.steps_per_epoch
-        self.channels_last = tc.channels_last and self.x.ndim == 4
-        if self.channels_last:  # oneDNN/cuDNN convolutions run faster on NHWC; the weights file is unaffected
-            model.to(memory_format=torch.channels_last)
-        # (after the layout change: DDP sizes its gradient buckets from the parameters as they are now)
-        # DDP needs find_unused_parameters: the plain VAE's latent classifier is trained after the loop.
-        self.net = (torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            find_unused_parameters=True) if self.d.enabled else model)
-        if tc.compile:  # weights are still saved from `model`, so files load into an uncompiled model
-            self.net = torch.compile(self.net, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
-        self.opt, fused = adamw(model, tc)
-        if tc.fused_optimizer and not fused:
-            self.reporter.log(f"note: no fused AdamW kernel for {rt.device.type} in torch {torch.__version__}; "
-                              f"using the standard one (same maths, slower; train.fused_optimizer=false hides this)")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(lambda: self.total, self.steps_per_epoch if tc.init else 0))
-        self.scaler = rt.grad_scaler()
+        self._wrap_model()
+        self._optimizer()
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.progress = state.Progress()
         self.perm: torch.Tensor | None = None
@@ -141,6 +112,43 @@ class Loop:
         n_test = len(data.test_x)
         pick = torch.randperm(n_test, generator=torch.Generator().manual_seed(SPLIT_SEED))[:EPOCH_EVAL]
         self.epoch_eval = pick.sort().values if n_test > EPOCH_EVAL else torch.arange(n_test)
+
+    def _place_data(self, data: Dataset) -> None:
+        """The training images, labels and labelled subset on the device."""
+        dev = self.rt.device
+        # binarize=stochastic: batches are drawn from the grey images, a fresh Bernoulli sample each step
+        self.stochastic = data.train_grey is not None
+        self.x = (data.train_grey if self.stochastic else data.train_x).to(dev)
+        self.y = data.train_y.to(dev)
+        self.lab_idx = data.labelled.to(dev)
+        self.labelled = torch.zeros(len(self.x), dtype=torch.bool, device=dev)
+        self.labelled[self.lab_idx] = True
+
+    def _wrap_model(self) -> None:
+        """`net`: the model in channels-last layout, under DDP and torch.compile when the recipe asks."""
+        tc, model, rt = self.recipe.train, self.model, self.rt
+        self.channels_last = tc.channels_last and self.x.ndim == 4
+        if self.channels_last:  # oneDNN/cuDNN convolutions run faster on NHWC; the weights file is unaffected
+            model.to(memory_format=torch.channels_last)
+        # (after the layout change: DDP sizes its gradient buckets from the parameters as they are now)
+        # DDP needs find_unused_parameters: the plain VAE's latent classifier is trained after the loop.
+        self.net = (torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=True) if self.d.enabled else model)
+        if tc.compile:  # weights are still saved from `model`, so files load into an uncompiled model
+            self.net = torch.compile(self.net, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
+
+    def _optimizer(self) -> None:
+        """AdamW (fused where torch has the kernel), its cosine schedule (with a learning-rate warm-up for a warm
+        start), the GradScaler."""
+        tc = self.recipe.train
+        self.opt, fused = adamw(self.model, tc)
+        if tc.fused_optimizer and not fused:
+            self.reporter.log(f"note: no fused AdamW kernel for {self.rt.device.type} in torch {torch.__version__}; "
+                              f"using the standard one (same maths, slower; train.fused_optimizer=false hides this)")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(lambda: self.total, self.steps_per_epoch if tc.init else 0))
+        self.scaler = self.rt.grad_scaler()
 
     def started_warm(self, warm: bool) -> None:
         """The run's weights came from `train.init` (engine/warmstart.py); with its generative part loaded
@@ -181,166 +189,6 @@ class Loop:
                        gen=self.gen, perm=self.perm, progress=self.progress, recipe=self.recipe.to_dict(),
                        ema=self.ema.tensors() if self.ema is not None else None,
                        rank_rng=rng if self.d.enabled else None)
-
-    def _strong(self, t: torch.Tensor) -> torch.Tensor:
-        """The consistency term's strong view: the recipe's flips (train.augment_flip) plus larger shifts,
-        rotations and cutout."""
-        t = strong(t, flip=self.recipe.train.augment_flip)
-        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
-
-    def _aug(self, t: torch.Tensor) -> torch.Tensor:
-        tc = self.recipe.train
-        t = augment(t, tc.augment_shift, tc.augment_rotate, tc.augment_flip, tc.augment_crop)
-        t = rng.bernoulli(t) if self.stochastic else t
-        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
-
-    def _shard_count(self) -> int:
-        """Shards per step (engine/shards.py): on the CPU without DDP or torch.compile, `train.shards` or one per
-        core of the machine (the cores before sharing with other jobs); 0 (one plain pass) elsewhere."""
-        tc = self.recipe.train
-        if self.rt.device.type != "cpu" or self.d.enabled or tc.compile:
-            return 0
-        if not tc.shards and self._colour_strong_view():
-            return 0  # not yet: see _colour_strong_view
-        n = tc.shards or auto_count(cpu.detect(place=(0, 1)).cores, self.bs, math.prod(self.x.shape[1:]))
-        return max(1, min(n, self.bs, self.lbs if self.model.needs_labelled_batch else n))
-
-    def _colour_strong_view(self) -> bool:
-        """Whether the step runs the consistency term's kornia view of colour images. Shards of such a step run
-        side by side gave different gradients from run to run (the same losses: the backward differs; cause not
-        found yet, BENCHMARKS.md session 16), one after another the same bits. So `train.shards: 0` keeps these
-        runs on one multi-threaded pass (as fast as before, but their weights follow the cores they get), and
-        an explicit `train.shards` runs the shards one after another (the same weights on any cores, on one)."""
-        return (self.recipe.model.consistency > 0 and "consistency" in self.model.reads
-                and self.x.ndim == 4 and self.x.shape[1] == 3)
-
-    def _set_shards(self, n: int) -> None:
-        if self.shards is not None and self.shards.n == n:
-            return
-        if self.shards is not None:
-            self.shards.close()
-        self.shards = Shards(self.model, n, self.recipe.seed) if n else None
-        self.progress.shards = n
-        if n and self.scaler.is_enabled():  # the scale tensor is made on first use: here, not racing in the shards
-            self.scaler.scale(torch.zeros((), device=self.rt.device))
-
-    def _inputs(self, idx: torch.Tensor, xb: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """(x, y, labelled, x_lab, y_lab) of a step, not yet augmented: this rank's images `idx` (or `xb`, when
-        the dataset streams and they were decoded ahead) and a draw from the labelled subset."""
-        dev = self.rt.device
-        if self.model.needs_labelled_batch:
-            lab = self.lab_idx[torch.randint(len(self.lab_idx), (self.lbs,), generator=self.gen).to(dev)]
-            lab = self.d.shard(lab)
-            x_lab, y_lab = self.x[lab].to(dev), self.y[lab]
-        else:
-            x_lab, y_lab = self.x[:0].to(dev), self.y[:0]
-        x = self.x[idx] if xb is None else xb.to(dev, non_blocking=True)
-        return x, self.y[idx], self.labelled[idx], x_lab, y_lab
-
-    def _terms(self, net, x, y, labelled, x_lab, y_lab, kl_weight: float, share: float = 1.0) -> dict:
-        """The model's loss terms on one batch (or shard), augmented here (with this thread's generator)."""
-        batch = Batch(self._aug(x), y, labelled, self._aug(x_lab) if len(x_lab) else x_lab, y_lab,
-                      strong=self._strong, share=share)
-        with self.rt.autocast():
-            # a tensor, not a float: torch.compile would recompile for every warm-up value
-            terms = net(batch, torch.tensor(kl_weight, device=self.rt.device))
-        if self.inject_nan == self.progress.step + 1:
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
-
-    def _step(self, idx: torch.Tensor, xb: torch.Tensor | None = None) -> dict[str, float] | None:
-        """One optimisation step on this rank's indices `idx`; None when a non-finite batch was skipped."""
-        p = self.progress
-        kl_weight = min(1.0, (p.step + 1) / self.warmup) if self.warmup else 1.0
-        inputs = self._inputs(idx, xb)
-        if self.shards is not None:
-            terms, bad = self._sharded_pass(inputs, kl_weight)
-        else:
-            terms = self._terms(self.net, *inputs, kl_weight)
-            self.opt.zero_grad(set_to_none=True)
-            loss = terms["loss"]
-            bad = self.d.sum_(torch.tensor([float(not torch.isfinite(loss))], device=self.rt.device)).item() > 0
-            if bad and self.d.enabled:  # DDP expects a backward after every forward; its grads are dropped
-                torch.nan_to_num(loss, 0.0, 0.0, 0.0).mul(0).backward()
-                self.opt.zero_grad(set_to_none=True)
-            if not bad:
-                self.scaler.scale(loss).backward()
-        if bad:
-            return self._skip_nonfinite(float(terms["loss"]))
-        self.skipped_in_a_row = 0
-        skipped = self._update()
-        extra = {"grad_skipped": float(skipped)} if self.recipe.train.grad_skip > 0 else {}
-        return {"kl_weight": kl_weight, **{k: float(v) for k, v in terms.items()}, **extra}
-
-    def _sharded_pass(self, inputs: tuple[torch.Tensor, ...], kl_weight: float) -> tuple[dict, bool]:
-        """Forward and backward of every shard (engine/shards.py); the gradients' mean in the model. Returns
-        the terms averaged over the shards and whether any shard's loss was non-finite."""
-        n = self.shards.n
-        parts = list(zip(*(split(t, n) for t in inputs)))
-
-        def shard(net, part):
-            terms = self._terms(net, *part, kl_weight, share=1.0 / n)
-            finite = bool(torch.isfinite(terms["loss"]))
-            if finite:
-                self.scaler.scale(terms["loss"]).backward()
-            return {k: v.detach().float() for k, v in terms.items()}, finite
-
-        side_by_side = granted_cores() if not self._colour_strong_view() else 1
-        results = self.shards.run(self.progress.step, shard, parts, side_by_side)
-        terms = {k: sum(r[0][k] for r in results) / n for k in results[0][0] if all(k in r[0] for r in results)}
-        bad = not all(r[1] for r in results)
-        if bad:
-            self.opt.zero_grad(set_to_none=True)
-        else:
-            self.shards.reduce()
-        return terms, bad
-
-    def _skip_nonfinite(self, loss: float) -> None:
-        """A non-finite loss: stop with the last good state kept, or (train.skip_nonfinite) skip the batch."""
-        p = self.progress
-        where = f"step {p.step + 1} (epoch {p.epoch})"
-        if not self.recipe.train.skip_nonfinite:
-            raise TrainingDiverged(f"loss became {loss} at {where}; the last good state is kept in "
-                                   f"{self.run_dir.state}: lower train.lr (or set train.skip_nonfinite=true) and rerun")
-        self.skipped_in_a_row += 1
-        self.reporter.log(f"warning: skipped a batch with loss {loss} at {where}")
-        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise TrainingDiverged(f"{self.skipped_in_a_row} batches in a row had a non-finite loss up to {where}; "
-                                   f"lower train.lr")
-        return None
-
-    def _update(self) -> bool:
-        """Clip (or skip: train.grad_skip), step the optimizer and the EMA; whether the update was skipped. The
-        gradient norm is a reduction: with shards it runs on a one-thread worker, so it is the same on any cores."""
-        tc = self.recipe.train
-        skipped = False
-        if tc.grad_clip > 0 or tc.grad_skip > 0:
-            self.scaler.unscale_(self.opt)
-
-            def clip() -> float:
-                return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf")))
-            skipped = self._skip_update(self.shards.call(clip) if self.shards is not None else clip())
-        if not skipped:
-            self.scaler.step(self.opt)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model, self.progress.step)
-        return skipped
-
-    def _skip_update(self, norm: float) -> bool:
-        """train.grad_skip: whether this update's gradient norm is more than grad_skip times the moving average
-        of the accepted ones (after 50 steps of history). VDVAE (Child 2021, section 5) skips updates whose norm
-        passes a fixed threshold: the rare huge KL gradients of a deep hierarchy otherwise undo hours of
-        training; a non-finite norm is skipped too. Off (0), nothing is skipped here. A multiple of the running
-        norm needs no tuning to the loss's scale (nats per image grow with the image). The average travels in
-        the resumable state, so a resumed run skips the same steps."""
-        p, tc = self.progress, self.recipe.train
-        if tc.grad_skip <= 0:
-            return False
-        if not math.isfinite(norm) or (p.step >= 50 and norm > tc.grad_skip * p.grad_norm_avg):
-            return True
-        p.grad_norm_avg = norm if p.grad_norm_avg == 0 else 0.99 * p.grad_norm_avg + 0.01 * norm
-        return False
 
     def run(self) -> list[dict]:
         p = self.progress
@@ -433,21 +281,6 @@ class Loop:
         CPU budget between steps; this rank's loss sums in `progress.sums`."""
         with self._light_main_thread():
             self._train_steps_in(flag)
-
-    @contextmanager
-    def _light_main_thread(self):
-        """With shards, the main thread only hands them out (and steps the optimizer, elementwise): on one
-        thread, so its idle OpenMP workers do not spin on the cores the shards' threads compute on (the digits
-        with one shard: 4,489 -> 4,673 images/s, two shards 3,601 -> 4,597; BENCHMARKS.md session 16). The
-        evaluation after the steps gets the cores back."""
-        if self.shards is None:
-            yield
-            return
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(granted_cores())
 
     def _train_steps_in(self, flag: dict) -> None:
         tc, p = self.recipe.train, self.progress

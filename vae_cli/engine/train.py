@@ -59,15 +59,10 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
     t_start = time.perf_counter()
     if d.is_main:
         run.remove_stale_temp_files()
-    data = build_dataset(recipe.data, recipe.seed)
-    model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
-    held = 0 if data.holdout_x is None else len(data.holdout_x)
-    if (why := reject.unavailable(recipe.train.reject_score, model, held)) is not None:
-        raise RecipeError(why)
-    if d.enabled:
-        torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
+    data, model = _data_and_model(recipe, rt, d)
+    resuming = resume and run.state.is_file()
     init = None
-    if recipe.train.init and not (resume and run.state.is_file()):  # a resumed run has its weights in its state
+    if recipe.train.init and not resuming:  # a resumed run has its weights in its state
         init = warm_start(model, recipe.train.init, data.classes,
                           lambda k: build_model(recipe.model, data.image_shape, k))
         reporter.log(init.describe())
@@ -75,21 +70,10 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
     if init is not None:
         loop.started_warm(init.warm)
     d.barrier()  # rank 0 has cleaned the folder before anyone reads the state file
-    if resume and run.state.is_file():
-        loop.resume_from(run.state)
-        reporter.log(f"resuming {run.root} at epoch {loop.progress.epoch}, step {loop.progress.step}")
-    else:
-        if resume:
-            reporter.log(f"nothing to resume in {run.root}: starting it from the beginning")
-        if d.is_main:
-            fsutil.write_text(run.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    _resume_or_begin(loop, run, recipe, resume, reporter, d)
     trackers = Trackers(recipe, run, resume and loop.progress.epoch > 1, reporter) if d.is_main else None
     loop.on_epoch = trackers.epoch if trackers else None
-    procs = f", {d.world} processes" if d.enabled else ""
-    procs += f", {loop.progress.shards} shards a step" if loop.progress.shards else ""
-    reporter.log(f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
-                 f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
-                 f"{rt.device.type}/{rt.precision}{procs}, {cpu_budget().describe()} -> {run.root}")
+    reporter.log(_banner(recipe, data, rt, d, loop.progress.shards, run))
     try:
         rows = loop.run()
         loop.use_average()  # train.ema: the averaged weights are the ones evaluated and saved from here on
@@ -102,3 +86,36 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
     if trackers:
         trackers.finish(run, result.pictures, result.test)
     return result
+
+
+def _data_and_model(recipe: Recipe, rt: Runtime, d: Dist):
+    """The dataset and a freshly initialised model on the device; a `--reject` score the model cannot give
+    is refused here, before any training."""
+    data = build_dataset(recipe.data, recipe.seed)
+    model = build_model(recipe.model, data.image_shape, len(data.classes)).to(rt.device)
+    held = 0 if data.holdout_x is None else len(data.holdout_x)
+    if (why := reject.unavailable(recipe.train.reject_score, model, held)) is not None:
+        raise RecipeError(why)
+    if d.enabled:
+        torch.manual_seed(recipe.seed + 7919 * d.rank)  # the same weights everywhere, each rank its own noise
+    return data, model
+
+
+def _resume_or_begin(loop: Loop, run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, d: Dist) -> None:
+    """--resume with a state file continues it; otherwise the run starts and its recipe.yaml is written."""
+    if resume and run.state.is_file():
+        loop.resume_from(run.state)
+        reporter.log(f"resuming {run.root} at epoch {loop.progress.epoch}, step {loop.progress.step}")
+        return
+    if resume:
+        reporter.log(f"nothing to resume in {run.root}: starting it from the beginning")
+    if d.is_main:
+        fsutil.write_text(run.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _banner(recipe: Recipe, data, rt: Runtime, d: Dist, shards: int, run: RunDir) -> str:
+    procs = f", {d.world} processes" if d.enabled else ""
+    procs += f", {shards} shards a step" if shards else ""
+    return (f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
+            f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
+            f"{rt.device.type}/{rt.precision}{procs}, {cpu_budget().describe()} -> {run.root}")

@@ -82,6 +82,25 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str]]:
 # Weights files written before the --reject scores were named stored the likelihood under this name.
 LEGACY_NAMES = {"iwae_log_likelihood": "likelihood"}
 
+# The --reject scores: name and what it measures, in the order help texts list them. evaluation/reject.py
+# registers each one's computation under these names (and cannot register a name missing here); the command
+# line's help texts are built from this table, so they need no torch and cannot go stale.
+REJECT_SCORES = {
+    "likelihood": "log p(x), IWAE bound, nats (Burda et al. 2016)",
+    "complexity": "log2 p(x) + PNG length in bits (Serra et al. 2020)",
+    "confidence": "classifier confidence, logit of the max softmax (Hendrycks & Gimpel 2017)",
+    "energy": "logsumexp of the class logits, negative free energy (Liu et al. 2020)",
+    "knn": "cosine similarity to the k-th nearest held-out image in feature space (Sun et al. 2022)",
+    "rotation": "log p(upright|x), self-supervised rotation head (Hendrycks et al. 2019); models trained with "
+                "model.rotation > 0",
+    "colour": "log p(true colours|x), self-supervised colour-order head (Lee et al. 2020); colour models trained "
+              "with model.colour_order > 0",
+    "ratio": "log p(x) from the top latent levels minus the whole model's, IWAE bounds (Havtorn et al. 2021); "
+             "hierarchical models (hvae)",
+    "combined": "likelihood and complexity (two-sided, one Bonferroni p-value) + energy + knn + rotation and "
+                "colour where the model has them, Fisher's method on held-out p-values",
+}
+
 
 def describe_reject(rej: dict) -> str:
     """The --reject calibration stored in a weights file, in one line (for `vae info` and report.html)."""

@@ -61,7 +61,7 @@ from torch import Tensor
 from vae_cli.core.errors import CheckpointError, UsageError
 from vae_cli.core.registry import Registry
 from vae_cli.evaluation import metrics
-from vae_cli.evaluation.catalog import LEGACY_NAMES
+from vae_cli.evaluation.catalog import LEGACY_NAMES, REJECT_SCORES
 from vae_cli.evaluation.evaluate import (
     energy,
     features,
@@ -197,29 +197,22 @@ def fisher(parts: tuple[Part | tuple[Part, ...], ...], optional: tuple[str, ...]
     return combine
 
 
-SCORES.add("likelihood", Score("log p(x), IWAE bound, nats (Burda et al. 2016)", ("log_px",),
-                               compute=lambda p: p["log_px"]))
-SCORES.add("complexity", Score("log2 p(x) + PNG length in bits (Serra et al. 2020)", ("log_px", "png_bits"),
-                               compute=lambda p: p["log_px"] / math.log(2.0) + p["png_bits"]))
-SCORES.add("confidence", Score("classifier confidence, logit of the max softmax (Hendrycks & Gimpel 2017)",
-                               ("confidence",), compute=lambda p: p["confidence"]))
-SCORES.add("energy", Score("logsumexp of the class logits, negative free energy (Liu et al. 2020)", ("energy",),
-                           compute=lambda p: p["energy"]))
-SCORES.add("rotation", Score("log p(upright|x), self-supervised rotation head (Hendrycks et al. 2019); "
-                             "models trained with model.rotation > 0", ("upright",), compute=lambda p: p["upright"]))
-SCORES.add("colour", Score("log p(true colours|x), self-supervised colour-order head (Lee et al. 2020); colour "
-                           "models trained with model.colour_order > 0", ("colours",), compute=lambda p: p["colours"]))
-SCORES.add("ratio", Score("log p(x) from the top latent levels minus the whole model's, IWAE bounds (Havtorn et al. "
-                          "2021); hierarchical models (hvae)", ("levels",), compute=lambda p: p["levels"]))
-SCORES.add("knn", Score("cosine similarity to the k-th nearest held-out image in feature space (Sun et al. 2022)",
-                        ("knn",), compute=lambda p: p["knn"]))
-SCORES.add("combined", Score("likelihood and complexity (two-sided, one Bonferroni p-value) + energy + knn + "
-                             "rotation and colour where the model has them, Fisher's method on held-out p-values",
-                             PARTS,
-                             combine=fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower"),
-                                             ("knn", "lower"), ("rotation", "lower"), ("colour", "lower")),
-                                            optional=OPTIONAL, older=NEWER),
-                             bases=("likelihood", "complexity", "energy", "knn", "rotation", "colour")))
+def _add(name: str, parts: tuple[str, ...], **how) -> None:
+    SCORES.add(name, Score(REJECT_SCORES[name], parts, **how))  # what it measures: evaluation/catalog.py
+
+
+_add("likelihood", ("log_px",), compute=lambda p: p["log_px"])
+_add("complexity", ("log_px", "png_bits"), compute=lambda p: p["log_px"] / math.log(2.0) + p["png_bits"])
+_add("confidence", ("confidence",), compute=lambda p: p["confidence"])
+_add("energy", ("energy",), compute=lambda p: p["energy"])
+_add("rotation", ("upright",), compute=lambda p: p["upright"])
+_add("colour", ("colours",), compute=lambda p: p["colours"])
+_add("ratio", ("levels",), compute=lambda p: p["levels"])
+_add("knn", ("knn",), compute=lambda p: p["knn"])
+_add("combined", PARTS,
+     combine=fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower"), ("knn", "lower"),
+                     ("rotation", "lower"), ("colour", "lower")), optional=OPTIONAL, older=NEWER),
+     bases=("likelihood", "complexity", "energy", "knn", "rotation", "colour"))
 # the scores whose held-out values are stored
 BASE = ("likelihood", "complexity", "confidence", "energy", "knn", "rotation", "colour", "ratio")
 
