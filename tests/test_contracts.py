@@ -96,7 +96,8 @@ def test_training_reaches_the_strong_view_reports_the_optimizer_and_restores_glo
         return real_adamw(params, **kw)
 
     monkeypatch.setattr(loop.torch.optim, "AdamW", no_fused)
-    r = R.load(TINY, ["train.device=cpu", "epochs=1", "model.name=m2", "model.decoder=mlp", "model.consistency=1",
+    r = R.load(TINY, ["train.device=cpu", "epochs=1", "model.name=m2", "train.head_steps=0", "model.decoder=mlp",
+                      "model.consistency=1",
                       "model.threshold=0", "train.augment_flip=true", "data.labels_per_class=3"])
     torch.manual_seed(123)
     random.seed(5)

@@ -106,3 +106,17 @@ def test_hidden_is_refused_where_no_chosen_network_has_a_hidden_layer():
     R.load(None, ["model.backbone=resnet", "model.decoder=deep"])  # the default value: nothing to refuse
     R.load(None, ["model.backbone=resnet", "model.decoder=mlp", "model.hidden=128"])
     R.load(None, ["model.name=m2", "model.backbone=resnet", "model.decoder=deep", "model.hidden=64"])  # M2's z head
+
+
+def test_head_steps_is_refused_for_models_that_train_their_classifier_in_the_loop():
+    """train.head_steps drives the classifier stage after the loop (the M1 head of vae, iwae, hvae); M2-style
+    models have none, so a value other than 0 or the default would be silently ignored: refused."""
+    from vae_cli.core import recipe as R
+    from vae_cli.core.errors import RecipeError
+
+    for name in ("m2", "m2h", "m1m2"):
+        with pytest.raises(RecipeError, match=f"model '{name}' .* does not read train.head_steps"):
+            R.load(None, [f"model.name={name}", "train.head_steps=100"])
+        R.load(None, [f"model.name={name}", "train.head_steps=0"])  # says what the model does anyway
+    for name in ("vae", "iwae", "hvae"):
+        assert R.load(None, [f"model.name={name}", "train.head_steps=100"]).train.head_steps == 100

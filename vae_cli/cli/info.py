@@ -44,7 +44,8 @@ def info(
 
         for name, cls in sorted(REGISTRY.items()):
             print(f"{name}\t{(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
-            print(f"\tkeys: {', '.join('model.' + k for k in model_keys(name) if k != 'name')}")
+            head = ", train.head_steps" if cls.fits_head else ""
+            print(f"\tkeys: {', '.join('model.' + k for k in model_keys(name) if k != 'name')}{head}")
         return
     if weights is None:
         raise UsageError("give a weights file (vae info runs/NAME/model.safetensors), or --defaults / --models / "

@@ -149,7 +149,8 @@ class TrainConfig:
     grad_clip: float = key(10.0, "clip the global gradient norm to this (0: off)", min=0.0)
     grad_skip: float = key(0.0, "skip an update whose gradient norm (before clipping) exceeds this (0: off; VDVAE's "
                                 "guard against the rare huge KL gradients of deep hierarchies)", min=0.0)
-    head_steps: int = key(600, "optimisation steps of the latent classifier after VAE training", min=0)
+    head_steps: int = key(600, "optimisation steps of the latent classifier after VAE training (models with an M1 "
+                                "head: vae, iwae, hvae; the M2 family trains its classifier in the loop: 0)", min=0)
     device: str = key("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     precision: str = key("auto", "auto | fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)",
                          choices=("auto", "fp32", "bf16", "fp16"))
@@ -331,6 +332,7 @@ def from_dict(raw: Any) -> Recipe:
                           "(remove the other, or set it to null)")
     m = recipe.model
     _refuse_unread_model_keys(m)
+    _refuse_unread_head_steps(recipe)
     nets = registry_of(_fields(ModelConfig)["backbone"].metadata["registry"])
     if m.width != ModelConfig.width and not any(nets.get(n).uses_width for n in {m.backbone, m.decoder or m.backbone}):
         raise RecipeError(f"model.width={m.width} does not apply to the {m.backbone} backbone (it has no channels); "
@@ -371,6 +373,16 @@ def _refuse_unread_model_keys(m: ModelConfig) -> None:
                         f"{', '.join(sorted(reads - {'name'}))})")
             fix = "a backbone or decoder that has one" if f.name in unread_by_nets else "a model that reads it"
             raise RecipeError(f"{why}; remove model.{f.name}={getattr(m, f.name)!r} or pick {fix}")
+
+
+def _refuse_unread_head_steps(recipe: Recipe) -> None:
+    """`train.head_steps` is read only by models that fit a classifier after the loop (`fits_head`: the M1
+    head); for the others 0 says what they do anyway, any other value (but the default) would be ignored."""
+    model_cls = registry_of(_fields(ModelConfig)["name"].metadata["registry"]).get(recipe.model.name)
+    steps = recipe.train.head_steps
+    if not model_cls.fits_head and steps not in (0, _fields(TrainConfig)["head_steps"].default):
+        raise RecipeError(f"model '{recipe.model.name}' trains its classifier in the main loop and does not read "
+                          f"train.head_steps; remove train.head_steps={steps} (or set it to 0)")
 
 
 def all_keys_of(section: str) -> list[str]:

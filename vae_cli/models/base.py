@@ -41,6 +41,9 @@ class Model(nn.Module):
     # The `model.*` recipe keys this model reads (besides `name`); a recipe that sets another one to a value
     # other than its default is refused (core/recipe.py), never silently ignored. `vae info --models` lists them.
     reads: tuple[str, ...] = ()
+    # Whether fit_classifier trains a classifier for `train.head_steps` steps after the loop (the M1 head);
+    # a recipe that sets train.head_steps for a model without one is refused.
+    fits_head = False
 
     def __init__(self, cfg, image_shape: tuple[int, int, int], num_classes: int):
         super().__init__()

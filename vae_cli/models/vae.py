@@ -56,6 +56,8 @@ class M1Head(ClassCodes):
     posterior draws of the labelled images after training. Mixed into unsupervised models; the buffers travel in
     the weights file."""
 
+    fits_head = True  # train.head_steps
+
     def _init_m1(self, k: int, num_classes: int, head_hidden: int, dropout: float) -> None:
         self.head = mlp(k, head_hidden, num_classes, dropout=dropout)
         self.register_buffer("feat_mean", torch.zeros(k))
