@@ -15,7 +15,8 @@ import torch
 from tests.conftest import TINY
 from vae_cli.artifacts.export import PARTS, reference_inputs, torch_outputs
 from vae_cli.cli import app
-from vae_cli.core.recipe import ModelConfig, model_keys
+from vae_cli.core.recipe import ModelConfig
+from vae_cli.core.recipe_rules import model_keys
 from vae_cli.models import REGISTRY
 
 ort = pytest.importorskip("onnxruntime")

@@ -7,7 +7,8 @@ import torch
 
 from vae_cli.artifacts import checkpoint
 from vae_cli.core import rng
-from vae_cli.core.recipe import ModelConfig, model_keys
+from vae_cli.core.recipe import ModelConfig
+from vae_cli.core.recipe_rules import model_keys
 from vae_cli.models import REGISTRY, build_model, losses
 from vae_cli.models.base import Batch
 from vae_cli.models.likelihoods import LIKELIHOODS

@@ -189,11 +189,11 @@ def test_kill_9_and_resume_while_jobs_come_and_go_is_bit_identical(tmp_path):
 
 def test_photo_m2_with_kornia_and_batch_norm_is_the_same_on_one_or_two_threads(tmp_path, photos):  # noqa: F811
     """The photo recipes' step (kornia strong view, batch norm, the decoder used for several classes) under bf16
-    autocast: two shards one after another (1 thread) and side by side (2 threads, twice) give the same bits.
+    autocast: two shards one after another (1 thread) and side by side (2 threads) give the same bits.
     Side by side, autocast's shared weight cache made the gradients differ from run to run (26 of 57 tensors)."""
     root, _ = photos
     runs = {}
-    for name, threads in (("a", "1"), ("b", "2"), ("c", "2")):
+    for name, threads in (("a", "1"), ("b", "2")):
         res = subprocess.run([sys.executable, "-m", "vae_cli", "train", "recipes/tiny.yaml", *PHOTO,
                               f"data.root={root}", "epochs=2", "train.shards=2", "--out", str(tmp_path), "--name",
                               name, "--device", "cpu", "--precision", "bf16", "--quiet"], cwd=ROOT,
@@ -202,7 +202,6 @@ def test_photo_m2_with_kornia_and_batch_norm_is_the_same_on_one_or_two_threads(t
         assert res.returncode == 0, res.stderr
         runs[name] = tmp_path / name / "model.safetensors"
     assert _same(runs["a"], runs["b"]) == []
-    assert _same(runs["b"], runs["c"]) == []
 
 
 def _twice_used_weight_grad(cache: bool, other_thread_leaves_autocast: bool) -> torch.Tensor:

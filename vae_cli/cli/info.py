@@ -39,7 +39,7 @@ def info(
                 print(f"{n.ljust(width)}{v['summary']}")
         return
     if models:
-        from vae_cli.core.recipe import model_keys
+        from vae_cli.core.recipe_rules import model_keys
         from vae_cli.models import REGISTRY
 
         for name, cls in sorted(REGISTRY.items()):

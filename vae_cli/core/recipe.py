@@ -207,21 +207,21 @@ INT_LIMIT = 2**31 - 1
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def field_of(dotted: str) -> dataclasses.Field:
     """The schema field of a dotted key (`model.latent_dim`), with its default and metadata."""
     section, _, name = dotted.rpartition(".")
-    return _fields(SECTIONS[section] if section else Recipe)[name]
+    return fields_of(SECTIONS[section] if section else Recipe)[name]
 
 
 def all_keys() -> list[str]:
     """Every dotted key a recipe accepts, in schema order."""
-    keys = [n for n in _fields(Recipe) if n not in SECTIONS]
+    keys = [n for n in fields_of(Recipe) if n not in SECTIONS]
     for section, cls in SECTIONS.items():
-        keys += [f"{section}.{n}" for n in _fields(cls)]
+        keys += [f"{section}.{n}" for n in fields_of(cls)]
     return keys
 
 
@@ -311,7 +311,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         where = f"section '{prefix.rstrip('.')}'" if prefix else "a recipe"
         raise RecipeError(f"{where} must be a mapping of key: value, got {type(raw).__name__}")
-    fields = _fields(cls)
+    fields = fields_of(cls)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in raw.items():
@@ -326,63 +326,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def from_dict(raw: Any) -> Recipe:
+    """A validated `Recipe` from parsed YAML: every key and value checked (`_build`), then the rules across
+    keys (`core/recipe_rules.py`: keys the chosen model does not read, keys that exclude each other)."""
+    from vae_cli.core.recipe_rules import check  # the rules read this module's schema
+
     recipe = _build(Recipe, raw, "")
-    if recipe.data.labels_per_class is not None and recipe.data.labeled_fraction is not None:
-        raise RecipeError("set only one of 'data.labels_per_class' and 'data.labeled_fraction' "
-                          "(remove the other, or set it to null)")
-    m = recipe.model
-    _refuse_unread_model_keys(m)
-    _refuse_unread_head_steps(recipe)
-    nets = registry_of(_fields(ModelConfig)["backbone"].metadata["registry"])
-    if m.width != ModelConfig.width and not any(nets.get(n).uses_width for n in {m.backbone, m.decoder or m.backbone}):
-        raise RecipeError(f"model.width={m.width} does not apply to the {m.backbone} backbone (it has no channels); "
-                          f"size it with model.hidden, or remove model.width")
-    if recipe.train.augment_crop and recipe.train.augment_rotate:
-        raise RecipeError("train.augment_crop shifts by whole pixels and cannot rotate; set train.augment_rotate=0 "
-                          "or train.augment_crop=false")
-    if recipe.train.augment_crop and recipe.train.augment_shift != int(recipe.train.augment_shift):
-        raise RecipeError(f"train.augment_crop shifts by whole pixels; set train.augment_shift to a whole number "
-                          f"(not {recipe.train.augment_shift:g}) or train.augment_crop=false")
+    check(recipe)
     return recipe
-
-
-def model_keys(name: str) -> list[str]:
-    """The `model.*` keys model `name` reads (its class's `reads`), in schema order."""
-    reads = set(registry_of(_fields(ModelConfig)["name"].metadata["registry"]).get(name).reads) | {"name"}
-    return [f for f in _fields(ModelConfig) if f in reads]
-
-
-def _refuse_unread_model_keys(m: ModelConfig) -> None:
-    """A key the chosen model does not read, set to anything but its default, is a mistake the run would hide
-    (pythae's per-model configs refuse it the same way)."""
-    reads = set(model_keys(m.name))
-    if m.likelihood != "logistic_mixture":
-        reads.discard("mixtures")
-    nets = registry_of(_fields(ModelConfig)["backbone"].metadata["registry"])
-    parts = [(m.backbone, "encoder")] + ([(m.decoder or m.backbone, "decoder")] if "decoder" in reads else [])
-    model_cls = registry_of(_fields(ModelConfig)["name"].metadata["registry"]).get(m.name)
-    unread_by_nets = {k for k in getattr(model_cls, "via_backbone", ())
-                      if not any(getattr(nets.get(n), f"{part}_{k}", True) for n, part in parts)}
-    reads -= unread_by_nets
-    for f in dataclasses.fields(ModelConfig):
-        if f.name not in reads and getattr(m, f.name) != f.default:
-            why = ("model.mixtures is read only by model.likelihood=logistic_mixture" if f.name == "mixtures"
-                   else f"neither the {m.backbone} encoder nor the {m.decoder or m.backbone} decoder has a layer "
-                        f"model.{f.name} sizes" if f.name in unread_by_nets
-                   else f"model '{m.name}' does not read model.{f.name} (it reads "
-                        f"{', '.join(sorted(reads - {'name'}))})")
-            fix = "a backbone or decoder that has one" if f.name in unread_by_nets else "a model that reads it"
-            raise RecipeError(f"{why}; remove model.{f.name}={getattr(m, f.name)!r} or pick {fix}")
-
-
-def _refuse_unread_head_steps(recipe: Recipe) -> None:
-    """`train.head_steps` is read only by models that fit a classifier after the loop (`fits_head`: the M1
-    head); for the others 0 says what they do anyway, any other value (but the default) would be ignored."""
-    model_cls = registry_of(_fields(ModelConfig)["name"].metadata["registry"]).get(recipe.model.name)
-    steps = recipe.train.head_steps
-    if not model_cls.fits_head and steps not in (0, _fields(TrainConfig)["head_steps"].default):
-        raise RecipeError(f"model '{recipe.model.name}' trains its classifier in the main loop and does not read "
-                          f"train.head_steps; remove train.head_steps={steps} (or set it to 0)")
 
 
 def all_keys_of(section: str) -> list[str]:
