@@ -34,7 +34,7 @@ def trained(tmp_path_factory, runner):
             # the tiny recipe's sizes a model does not read go back to their defaults (else they are refused)
             extra += [f"model.{k}={getattr(ModelConfig, k)}" for k in ("latent_dim", "hidden", "width")
                       if k not in model_keys(name)]
-            extra += [] if REGISTRY[name].fits_head else ["train.head_steps=0"]  # no classifier stage after the loop
+            extra += [] if REGISTRY.get(name).fits_head else ["train.head_steps=0"]  # no classifier stage after it
             res = runner.invoke(app, ["train", str(TINY), "--out", str(out), "--name", name, "--quiet",
                                       f"model.name={name}", "epochs=1", "data.holdout_fraction=0", *extra])
             assert res.exit_code == 0, res.output

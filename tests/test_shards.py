@@ -252,3 +252,14 @@ def test_unlabelled_elbo_images_is_a_per_step_count_across_shards():
     for share in (1.0, 0.5, 0.25):
         model.loss(Batch(x, y, lab, x[:4], y[:4], share=share), 1.0)
     assert seen == [8, 4, 2]
+
+
+def test_every_worker_thread_starts_with_the_shards():
+    """No worker starts (and sets its thread count, which empties oneDNN's cache) while a shard computes."""
+    before = {t.name for t in threading.enumerate()}
+    shards = Shards(nn.Linear(2, 2), 3, seed=0)
+    try:
+        started = {t.name for t in threading.enumerate()} - before
+        assert len([n for n in started if n.startswith("vae-shard")]) == 3
+    finally:
+        shards.close()

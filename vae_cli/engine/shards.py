@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,6 +61,11 @@ class Shards:
         self.model, self.n, self.seed = model, n, seed
         self.replicas = [model] + [copy.deepcopy(model) for _ in range(n - 1)]
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="vae-shard", initializer=_single_thread)
+        # every worker started now, not on demand: a thread's start sets its thread count, and torch's
+        # set_num_threads also empties oneDNN's computation cache, which must not happen while a shard computes
+        started = threading.Barrier(n)
+        for f in [self.pool.submit(started.wait) for _ in range(n)]:
+            f.result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
