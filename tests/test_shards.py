@@ -254,12 +254,18 @@ def test_unlabelled_elbo_images_is_a_per_step_count_across_shards():
     assert seen == [8, 4, 2]
 
 
-def test_every_worker_thread_starts_with_the_shards():
-    """No worker starts (and sets its thread count, which empties oneDNN's cache) while a shard computes."""
+def test_every_worker_thread_starts_with_the_shards_and_keeps_its_shard():
+    """No worker starts (and sets its thread count, which empties oneDNN's cache) while a shard computes, and
+    each shard runs on its own worker."""
     before = {t.name for t in threading.enumerate()}
     shards = Shards(nn.Linear(2, 2), 3, seed=0)
     try:
         started = {t.name for t in threading.enumerate()} - before
         assert len([n for n in started if n.startswith("vae-shard")]) == 3
+        # shard i runs on worker i, whatever the concurrency; the reductions on worker 0
+        for concurrency in (1, 3):
+            names = shards.run(0, lambda m, p: threading.current_thread().name, [None] * 3, concurrency)
+            assert [n.split("_")[0] for n in names] == ["vae-shard0", "vae-shard1", "vae-shard2"]
+        assert shards.call(lambda: threading.current_thread().name).split("_")[0] == "vae-shard0"
     finally:
         shards.close()

@@ -55,20 +55,26 @@ def _single_thread() -> None:
 
 
 class Shards:
-    """`n` replicas of `model` (the first is the model itself) and the worker threads that run them."""
+    """`n` replicas of `model` (the first is the model itself) and the worker threads that run them: shard i
+    always on worker i, and the one-thread reductions (`call`, `reduce`) on worker 0. A thread carries state
+    into the kernels it runs (its OpenMP thread count, set lazily by torch from a process-wide value; the
+    floating-point control flags that kernels may set), so each worker runs the same kernels in the same order
+    whatever the concurrency, and no shard lands on whichever thread happened to be idle."""
 
     def __init__(self, model: nn.Module, n: int, seed: int):
         self.model, self.n, self.seed = model, n, seed
         self.replicas = [model] + [copy.deepcopy(model) for _ in range(n - 1)]
-        self.pool = ThreadPoolExecutor(n, thread_name_prefix="vae-shard", initializer=_single_thread)
+        self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"vae-shard{i}", initializer=_single_thread)
+                        for i in range(n)]
         # every worker started now, not on demand: a thread's start sets its thread count, and torch's
         # set_num_threads also empties oneDNN's computation cache, which must not happen while a shard computes
         started = threading.Barrier(n)
-        for f in [self.pool.submit(started.wait) for _ in range(n)]:
+        for f in [w.submit(started.wait) for w in self.workers]:
             f.result()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        for w in self.workers:
+            w.shutdown(wait=True)
 
     def _sync(self) -> None:
         """Every replica starts the step with the model's weights and batch-norm statistics."""
@@ -94,13 +100,13 @@ class Shards:
         out: list = []
         width = max(1, min(concurrency, self.n))
         for start in range(0, self.n, width):
-            futures = [self.pool.submit(job, i) for i in range(start, min(self.n, start + width))]
+            futures = [self.workers[i].submit(job, i) for i in range(start, min(self.n, start + width))]
             out += [f.result() for f in futures]
         return out
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """fn() on a one-thread worker (a reduction whose result must not depend on the cores)."""
-        return self.pool.submit(fn).result()
+        """fn() on worker 0, one thread (a reduction whose result must not depend on the cores)."""
+        return self.workers[0].submit(fn).result()
 
     def reduce(self) -> None:
         """The mean of the shards' gradients into the model's, added in shard order (on a worker)."""
