@@ -196,18 +196,26 @@ def test_mnist_reads_raw_files_never_a_processed_pickle(tmp_path):
     assert d.train_x.shape == (30, 1, 28, 28) and d.test_x.shape == (10, 1, 28, 28)
 
 
-def test_a_damaged_resume_state_is_one_line_exit_2(tmp_path, runner):
-    import torch
+def resume_a_damaged_state(tmp_path, runner, damage):
+    """Train the tiny recipe, rewrite its resume state as `damage(tensors, metadata)` returns them, resume."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     args = ["train", str(TINY), "--out", str(tmp_path), "--name", "r", "--device", "cpu", "--quiet"]
     assert runner.invoke(app, args).exit_code == 0
     state = tmp_path / "r" / "last.safetensors"
     with safe_open(str(state), "pt") as f:
         meta = f.metadata()
-    save_file({"perm": torch.arange(3)}, str(state), metadata=meta)  # the same recipe, the tensors gone
-    res = runner.invoke(app, [*args, "--resume"])
+    tensors, meta = damage(load_file(str(state)), meta)
+    save_file(tensors, str(state), metadata=meta)
+    return runner.invoke(app, [*args, "--resume"])
+
+
+def test_a_damaged_resume_state_is_one_line_exit_2(tmp_path, runner):
+    import torch
+
+    # the same recipe, the tensors gone
+    res = resume_a_damaged_state(tmp_path, runner, lambda tensors, meta: ({"perm": torch.arange(3)}, meta))
     assert "delete it to start the run over" in _one_line(res, 2)
 
 

@@ -21,7 +21,6 @@ import pytest
 
 from tests.imagegen import write
 from vae_cli.artifacts.tables import read_paths, write_paths
-from vae_cli.cli import app
 from vae_cli.core import fsutil
 from vae_cli.core.errors import UsageError
 
@@ -242,16 +241,9 @@ def test_a_tracking_server_that_does_not_answer_costs_seconds_and_the_run_goes_o
 
 
 def test_damaged_json_in_a_resume_state_is_exit_2(tmp_path, runner):
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from tests.test_hardening import resume_a_damaged_state
 
-    args = ["train", str(TINY), "--out", str(tmp_path), "--name", "r", "--device", "cpu", "--quiet"]
-    assert runner.invoke(app, args).exit_code == 0
-    state = tmp_path / "r" / "last.safetensors"
-    with safe_open(str(state), "pt") as f:
-        meta = f.metadata()
-    save_file(load_file(str(state)), str(state), metadata={**meta, "progress": "{not json"})
-    res = runner.invoke(app, [*args, "--resume"])
+    res = resume_a_damaged_state(tmp_path, runner, lambda tensors, meta: (tensors, {**meta, "progress": "{not json"}))
     assert res.exit_code == 2 and "damaged metadata" in res.stderr and "delete it" in res.stderr
 
 

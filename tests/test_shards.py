@@ -143,12 +143,18 @@ def _train(out, name, share, *extra, **env):
                             env={**os.environ, "VAE_CPU_SHARE": str(share), **env})
 
 
-@needs_two
-def test_weights_do_not_depend_on_other_jobs_starting_and_stopping(tmp_path):
+def _alone_then_a_shared_folder(tmp_path):
+    """The reference training, alone in its own CPU-sharing folder; then the folder the compared run shares."""
     alone = _train(tmp_path, "alone", tmp_path / "share-a")
     assert alone.wait(timeout=600) == 0, alone.stderr.read()
     share = tmp_path / "share-b"
     share.mkdir(mode=0o700)
+    return share
+
+
+@needs_two
+def test_weights_do_not_depend_on_other_jobs_starting_and_stopping(tmp_path):
+    share = _alone_then_a_shared_folder(tmp_path)
     beside = _train(tmp_path, "beside", share)
     others = []
     for _ in range(3):  # jobs come and go during the run: its thread count changes several times
@@ -162,10 +168,7 @@ def test_weights_do_not_depend_on_other_jobs_starting_and_stopping(tmp_path):
 
 @needs_two
 def test_kill_9_and_resume_while_jobs_come_and_go_is_bit_identical(tmp_path):
-    alone = _train(tmp_path, "alone", tmp_path / "share-a")
-    assert alone.wait(timeout=600) == 0, alone.stderr.read()
-    share = tmp_path / "share-b"
-    share.mkdir(mode=0o700)
+    share = _alone_then_a_shared_folder(tmp_path)
     run = tmp_path / "cut"
     for i in range(2):
         other = hold(share) if i == 0 else None  # killed beside a job, resumed alone, killed again, ...

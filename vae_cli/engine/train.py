@@ -70,7 +70,7 @@ def _train_in(run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, rt:
     if init is not None:
         loop.started_warm(init.warm)
     d.barrier()  # rank 0 has cleaned the folder before anyone reads the state file
-    _resume_or_begin(loop, run, recipe, resume, reporter, d)
+    _resume_or_begin(loop, run, recipe, resume, resuming, reporter, d)
     trackers = Trackers(recipe, run, resume and loop.progress.epoch > 1, reporter) if d.is_main else None
     loop.on_epoch = trackers.epoch if trackers else None
     reporter.log(_banner(recipe, data, rt, d, loop.progress.shards, run))
@@ -101,9 +101,11 @@ def _data_and_model(recipe: Recipe, rt: Runtime, d: Dist):
     return data, model
 
 
-def _resume_or_begin(loop: Loop, run: RunDir, recipe: Recipe, resume: bool, reporter: Reporter, d: Dist) -> None:
-    """--resume with a state file continues it; otherwise the run starts and its recipe.yaml is written."""
-    if resume and run.state.is_file():
+def _resume_or_begin(loop: Loop, run: RunDir, recipe: Recipe, resume: bool, resuming: bool, reporter: Reporter,
+                     d: Dist) -> None:
+    """--resume with a state file (`resuming`) continues it; otherwise the run starts and its recipe.yaml is
+    written."""
+    if resuming:
         loop.resume_from(run.state)
         reporter.log(f"resuming {run.root} at epoch {loop.progress.epoch}, step {loop.progress.step}")
         return
