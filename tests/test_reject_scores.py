@@ -15,14 +15,14 @@ from tests.imagegen import noise, outliers
 from vae_cli.artifacts.checkpoint import read_metadata
 from vae_cli.cli import app
 from vae_cli.core.errors import CheckpointError
-from vae_cli.evaluation import metrics, reject
+from vae_cli.evaluation import metrics, pvalues, reject
 
 
 def test_tail_p_by_hand():
     from scipy.stats import norm
 
     ref = [1.0, 2.0, 3.0]  # mean 2, sd 1
-    p = lambda v, side="lower", **kw: reject.tail_logp(torch.tensor(v), ref, side, **kw).exp().tolist()  # noqa: E731
+    p = lambda v, side="lower", **kw: pvalues.tail_logp(torch.tensor(v), ref, side, **kw).exp().tolist()  # noqa: E731
     assert p([1.0, 2.0, 2.5, 3.0]) == pytest.approx([2 / 4, 3 / 4, 3 / 4, 4 / 4])
     assert p([1.0, 2.0, 3.0], "upper") == pytest.approx([4 / 4, 3 / 4, 2 / 4])
     assert p([1.0, 2.0, 3.0], "two") == pytest.approx([1.0, 1.0, 1.0])
@@ -33,7 +33,7 @@ def test_tail_p_by_hand():
     assert p([0.0]) == pytest.approx([0.25 * norm.cdf(-2) / norm.cdf(-1)])
     assert p([5.0], "upper") == pytest.approx([0.25 * norm.sf(3) / norm.sf(1)])
     assert p([0.0], "two") == pytest.approx([2 * 0.25 * norm.cdf(-2) / norm.cdf(-1)])
-    far = reject.tail_logp(torch.tensor([-1e6]), ref)
+    far = pvalues.tail_logp(torch.tensor([-1e6]), ref)
     assert torch.isfinite(far).all() and far.item() < -1e10  # no underflow to log(0)
 
 
@@ -54,17 +54,17 @@ def test_png_bits_is_deterministic_and_tracks_complexity():
     flat = torch.full((1, 3, 32, 32), 0.5)
     ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32).contiguous()
     rough = torch.from_numpy(rng.randint(0, 256, (1, 3, 32, 32)).astype(np.float32) / 255)
-    bits = reject.png_bits(torch.cat([flat, ramp, rough]))
-    assert bits.tolist() == reject.png_bits(torch.cat([flat, ramp, rough])).tolist()
+    bits = pvalues.png_bits(torch.cat([flat, ramp, rough]))
+    assert bits.tolist() == pvalues.png_bits(torch.cat([flat, ramp, rough])).tolist()
     assert bits[0] < bits[1] < bits[2]
     assert bits[2] > 8 * 3 * 32 * 32 * 0.9  # uniform noise barely compresses: close to 8 bits per value
-    grey = reject.png_bits(torch.rand(2, 1, 8, 8))
+    grey = pvalues.png_bits(torch.rand(2, 1, 8, 8))
     assert grey.shape == (2,) and (grey > 0).all()
 
 
 def test_confidence_does_not_saturate():
     probs = torch.tensor([[1 - 1e-9, 1e-9, 0.0], [0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
-    c = reject.confidence_logit(probs)
+    c = pvalues.confidence_logit(probs)
     assert c[0] > c[1] and math.isfinite(c[2].item()) and c[2] > c[0]
     assert c[1].item() == pytest.approx(0.0, abs=1e-6)  # p_max = 0.5: even odds
 
@@ -110,12 +110,12 @@ def test_fisher_counts_a_group_of_dependent_scores_once():
     held = {n: [float(v) for v in range(99)] for n in "abc"}
     base = {"a": torch.tensor([10.0, 50.0, -5.0]), "b": torch.tensor([90.0, 49.0, 50.0]),
             "c": torch.tensor([3.0, 60.0, 120.0])}
-    la, lb, lc = (reject.tail_logp(base[n], held[n], side) for n, side in (("a", "two"), ("b", "two"), ("c", "lower")))
-    got = reject.fisher(((("a", "two"), ("b", "two")), ("c", "lower")))(base, held)
+    la, lb, lc = (pvalues.tail_logp(base[n], held[n], side) for n, side in (("a", "two"), ("b", "two"), ("c", "lower")))
+    got = pvalues.fisher(((("a", "two"), ("b", "two")), ("c", "lower")))(base, held)
     want = 2 * ((math.log(2) + torch.minimum(la, lb)).clamp_max(0) + lc)
     assert torch.allclose(got, want)
     assert got[1] > got[0] and got[1] > got[2]  # typical in every view beats extreme in one
-    plain = reject.fisher((("a", "two"), ("b", "two"), ("c", "lower")))(base, held)
+    plain = pvalues.fisher((("a", "two"), ("b", "two"), ("c", "lower")))(base, held)
     assert torch.allclose(plain, 2 * (la + lb + lc))
 
 
@@ -126,7 +126,7 @@ def test_files_calibrated_before_energy_keep_their_combination(digits_run):
     old = {**cal, "components": {n: v for n, v in cal["components"].items() if n not in ("energy", "knn")}}
     held = reject.held_sorted(old)
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in old["components"].items()}
-    before = reject.fisher(((("likelihood", "two"), ("complexity", "two")), ("confidence", "lower")))
+    before = pvalues.fisher(((("likelihood", "two"), ("complexity", "two")), ("confidence", "lower")))
     assert torch.allclose(reject.held_out_values(old, "combined"), before(base, held, True))
     new = reject.held_out_values(cal, "combined")
     assert not torch.allclose(new, reject.held_out_values(old, "combined"))  # energy is in the new files' one
@@ -142,7 +142,7 @@ def test_files_calibrated_before_knn_keep_their_combination(digits_run):
     old = {**cal, "components": {n: v for n, v in cal["components"].items() if n != "knn"}}
     held = reject.held_sorted(old)
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in old["components"].items()}
-    before = reject.fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower")))
+    before = pvalues.fisher(((("likelihood", "two"), ("complexity", "two")), ("energy", "lower")))
     assert torch.allclose(reject.held_out_values(old, "combined"), before(base, held, True))
     assert not torch.allclose(reject.held_out_values(cal, "combined"), reject.held_out_values(old, "combined"))
     with pytest.raises(CheckpointError, match="before the knn score existed"):
@@ -250,8 +250,8 @@ def test_complexity_term_is_deterministic_per_file(tmp_path):
     from vae_cli.data.images import load_image
 
     x = torch.from_numpy(np.stack([load_image(tmp_path / "a.png", 1, (32, 32))] * 2))
-    bits = reject.png_bits(x)
-    assert bits[0] == bits[1] and bits[0] == reject.png_bits(x[:1])[0]
+    bits = pvalues.png_bits(x)
+    assert bits[0] == bits[1] and bits[0] == pvalues.png_bits(x[:1])[0]
 
 
 def test_unknown_reject_score_is_one_clear_error(digits_run, sets, runner):

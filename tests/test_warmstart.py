@@ -173,3 +173,31 @@ def test_an_unsupervised_ladder_starts_a_few_label_m2h(photos, tmp_path, runner)
     assert res.exit_code == 0, res.output
     init = json.loads(res.stdout)["init"]
     assert init["tensor_share"] >= 0.85 and init["warm"] is True
+
+
+def test_promote_scores_both_models_on_the_new_images_by_class_name(trained, photos, tmp_path, runner):  # noqa: F811
+    """A class folder appears; the nightly job warm-starts from the production model and promotes over it: both
+    are scored on the new test split, the old model's answers read by class name (a 'ring' is a miss for it)."""
+    root, _ = photos
+    grown = tmp_path / "grown"
+    shutil.copytree(root, grown)
+    for split in ("train", "test"):
+        shutil.copytree(grown / split / "disc", grown / split / "ring")
+    prod = tmp_path / "prod.safetensors"
+    shutil.copyfile(trained, prod)
+    res = runner.invoke(app, ["train", "recipes/tiny.yaml", *PHOTO, f"data.root={grown}", "epochs=1", "--init",
+                              str(trained), "--promote", str(prod), "--out", str(tmp_path), "--name", "new", *SMALL])
+    assert res.exit_code in (0, 3), res.output
+    decision = json.loads(res.stdout)["promotion"]
+    test_files = sorted(p for p in (grown / "test").rglob("*") if p.is_file())
+    assert decision["images"] == len(test_files) and decision["unknown_to_old"] == ["ring"]
+
+    def accuracy(weights):  # another path to the same number: the API's answers against the folder names
+        rows = load(weights, "cpu", "fp32").classify(test_files)[0]
+        return sum(r["top"][0]["class"] == p.parent.name for r, p in zip(rows, test_files)) / len(test_files)
+
+    assert decision["old"] == pytest.approx(accuracy(trained), abs=1e-9)
+    assert decision["old"] <= 1 - 10 / len(test_files) + 1e-9  # the ten rings are misses for the old model
+    assert decision["new"] == pytest.approx(accuracy(tmp_path / "new" / "model.safetensors"), abs=1e-9)
+    assert decision["promoted"] == (decision["new"] > decision["old"])
+    assert (prod.read_bytes() == (tmp_path / "new" / "model.safetensors").read_bytes()) == decision["promoted"]

@@ -32,7 +32,8 @@ def train(
                                      "name and shape, class rows by class name; the recipe key train.init): a new "
                                      "run, unlike --resume, which continues an interrupted one."),
     promote: Path | None = typer.Option(None, "--promote", help="Copy the new weights here only if they beat "
-                                        "the weights already there (exit 3 when they do not)."),
+                                        "the weights already there on the new test split (classes compared by "
+                                        "name; exit 3 when they do not)."),
     promote_metric: str = typer.Option("accuracy", "--promote-metric", help="accuracy | elbo (higher wins)."),
 ) -> None:
     """Train a model from a recipe into runs/NAME/ (weights, resumable state, metrics, samples)."""
@@ -91,5 +92,4 @@ def _promote(result, r, target: Path, metric: str) -> dict:
     from vae_cli.engine.promote import promote
 
     data = build_dataset(r.data, r.seed)
-    return promote(result.run.weights, target, metric, data, resolve(r.train.device, r.train.precision),
-                   new_score=result.test[metric])
+    return promote(result.run.weights, target, metric, data, resolve(r.train.device, r.train.precision))

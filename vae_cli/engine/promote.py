@@ -1,34 +1,53 @@
-"""Promotion for retraining jobs: copy new weights over the production ones only if they score better
-on the same evaluation data (the new run's test split). Ties keep the old model."""
+"""Promotion for retraining jobs: copy new weights over the production ones only if they score better on the
+same images (the new run's test split), both scored here by the same function. Ties keep the old model.
+
+Accuracy compares class *names*: a class list that grew (a new class folder), shrank or was reordered since the
+production model was trained does not stop a nightly retrain-and-promote. An image of a class the old model does
+not know counts as a miss for it, as it would for a user asking that model; the decision says which classes
+those were. The ELBO needs the same image shape only."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from vae_cli.artifacts import checkpoint
 from vae_cli.core import fsutil
 from vae_cli.core.errors import CheckpointError
 from vae_cli.core.runtime import Runtime
 from vae_cli.data import Dataset
-from vae_cli.evaluation.evaluate import evaluate
 
 METRICS = ("accuracy", "elbo")  # both: higher is better
 
 
-def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Runtime, new_score: float) -> dict:
-    """Returns {"promoted": bool, "metric", "new", "old", "target"}; copies atomically when promoted.
-    `new_score` is the new model's score on `data`'s test split, as training just measured it."""
-    new_meta = checkpoint.read_metadata(new_weights)
-    old_score = None
+def score(model, classes: list[str], data: Dataset, rt: Runtime, metric: str) -> float:
+    """`metric` of `model` (whose outputs are `classes`, in its order) on `data`'s test images."""
+    from vae_cli.evaluation.evaluate import evaluate, predict
+
+    if metric == "elbo":
+        return evaluate(model, data.test_x, data.test_y, data.classes, rt, generative=False)["elbo"]
+    said = np.asarray(classes, dtype=object)[predict(model, data.test_x, rt).argmax(1).numpy()]
+    truth = np.asarray(data.classes, dtype=object)[data.test_y.cpu().numpy()]
+    return float((said == truth).mean()) if len(truth) else 0.0
+
+
+def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Runtime) -> dict:
+    """Returns {"promoted", "metric", "new", "old", "images", "unknown_to_old", "target"}; copies atomically
+    when promoted."""
+    new_model, new_meta = checkpoint.load(new_weights, rt.device)
+    new = score(new_model, new_meta["classes"], data, rt, metric)
+    old, unknown = None, []
     if target.exists():
         old_model, old_meta = checkpoint.load(target, rt.device)
-        if old_meta["classes"] != new_meta["classes"] or old_meta["image_shape"] != new_meta["image_shape"]:
-            raise CheckpointError(f"cannot compare with '{target}': it predicts {len(old_meta['classes'])} classes "
-                                  f"on {old_meta['image_shape']} images, the new model {len(new_meta['classes'])} "
-                                  f"on {new_meta['image_shape']}; promote to another path")
-        old_score = evaluate(old_model, data.test_x, data.test_y, data.classes, rt, generative=False)[metric]
-    promoted = old_score is None or new_score > old_score
+        if old_meta["image_shape"] != new_meta["image_shape"]:
+            raise CheckpointError(f"cannot compare with '{target}': it reads {old_meta['image_shape']} images, the "
+                                  f"new model {new_meta['image_shape']}; promote to another path")
+        old = score(old_model, old_meta["classes"], data, rt, metric)
+        unknown = [c for c in data.classes if c not in old_meta["classes"]] if metric == "accuracy" else []
+    promoted = old is None or new > old
     if promoted:
         fsutil.write_with(target, lambda tmp: shutil.copyfile(new_weights, tmp))
-    return {"promoted": promoted, "metric": metric, "new": new_score, "old": old_score, "target": str(target)}
+    return {"promoted": promoted, "metric": metric, "new": new, "old": old, "images": len(data.test_x),
+            "unknown_to_old": unknown, "target": str(target)}

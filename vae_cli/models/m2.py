@@ -58,7 +58,7 @@ def m2_unlabelled_bound(q: Tensor, neg_elbo_per_class: Tensor) -> Tensor:
 
 def random_turns(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each image turned by a random multiple of 90 degrees (of 180 when it is not square), with the turn's
-    index (0-3). Draws from torch's global RNG, so a resumed run repeats them."""
+    index (0-3). Drawn through `core.rng` (the shard's generator in training), so a resumed run repeats them."""
     square = x.shape[-1] == x.shape[-2]
     turns = rng.randint(0, 4, (len(x),), device=x.device)
     if not square:
@@ -86,7 +86,7 @@ def reorder_channels(x: Tensor, orders: Tensor) -> Tensor:
 
 def random_channel_orders(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each colour image with its channels in a random one of the 6 orders, with the order's index. Draws
-    from torch's global RNG, so a resumed run repeats them."""
+    through `core.rng` (the shard's generator in training), so a resumed run repeats them."""
     orders = rng.randint(0, len(CHANNEL_ORDERS), (len(x),), device=x.device)
     return reorder_channels(x, orders), orders
 
