@@ -40,7 +40,7 @@ def print_train(result: dict, decision: dict | None) -> None:
     if decision is not None:
         old = "none" if decision["old"] is None else f"{decision['old']:.4f}"
         verdict = "promoted" if decision["promoted"] else "kept the old model"
-        unknown = decision.get("unknown_to_old") or []
+        unknown = decision["unknown_to_old"]
         note = f"; classes the old model does not know: {', '.join(unknown)}" if unknown else ""
         print(f"promotion: {verdict} at {decision['target']} ({decision['metric']} on the same {decision['images']} "
               f"test images: new {decision['new']:.4f}, old {old}{note})")

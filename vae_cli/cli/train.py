@@ -92,4 +92,5 @@ def _promote(result, r, target: Path, metric: str) -> dict:
     from vae_cli.engine.promote import promote
 
     data = build_dataset(r.data, r.seed)
-    return promote(result.run.weights, target, metric, data, resolve(r.train.device, r.train.precision))
+    return promote(result.run.weights, target, metric, data, resolve(r.train.device, r.train.precision),
+                   new=result.test[metric])

@@ -1,5 +1,6 @@
 """Promotion for retraining jobs: copy new weights over the production ones only if they score better on the
-same images (the new run's test split), both scored here by the same function. Ties keep the old model.
+same images (the new run's test split): the new model as training just measured it there, the old one here by
+the same measure. Ties keep the old model.
 
 Accuracy compares class *names*: a class list that grew (a new class folder), shrank or was reordered since the
 production model was trained does not stop a nightly retrain-and-promote. An image of a class the old model does
@@ -33,11 +34,11 @@ def score(model, classes: list[str], data: Dataset, rt: Runtime, metric: str) ->
     return float((said == truth).mean()) if len(truth) else 0.0
 
 
-def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Runtime) -> dict:
+def promote(new_weights: Path, target: Path, metric: str, data: Dataset, rt: Runtime, new: float) -> dict:
     """Returns {"promoted", "metric", "new", "old", "images", "unknown_to_old", "target"}; copies atomically
-    when promoted."""
-    new_model, new_meta = checkpoint.load(new_weights, rt.device)
-    new = score(new_model, new_meta["classes"], data, rt, metric)
+    when promoted. `new` is the new model's score on `data`'s test split as training measured it (its classes
+    are the split's, in its order, so `score` would give the same number)."""
+    new_meta = checkpoint.read_metadata(new_weights)
     old, unknown = None, []
     if target.exists():
         old_model, old_meta = checkpoint.load(target, rt.device)
