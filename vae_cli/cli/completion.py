@@ -34,10 +34,11 @@ def complete_override(incomplete: str) -> list[tuple[str, str]]:
 def key_values(dotted: str) -> list[str]:
     """The values a key can take where they are a closed set (registered names, choices, booleans)."""
     from vae_cli.core import recipe
+    from vae_cli.core.recipe_values import registry_of
 
     f = recipe.field_of(dotted)
     if f.metadata["registry"]:
-        return recipe.registry_of(f.metadata["registry"]).names()
+        return registry_of(f.metadata["registry"]).names()
     if f.metadata["choices"]:
         return [str(c) for c in f.metadata["choices"]]
     return ["true", "false"] if isinstance(f.default, bool) else []

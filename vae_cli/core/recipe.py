@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vae_cli.core.errors import RecipeError
-from vae_cli.core.recipe_values import check_value, registry_of  # noqa: F401  (registry_of: the schema's API)
+from vae_cli.core.recipe_values import check_value, registry_of
 from vae_cli.core.yamlsafe import safe_yaml
 
 

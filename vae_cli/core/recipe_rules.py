@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from vae_cli.core.errors import RecipeError
-from vae_cli.core.recipe import ModelConfig, Recipe, TrainConfig, fields_of, registry_of
+from vae_cli.core.recipe import ModelConfig, Recipe, TrainConfig, fields_of
+from vae_cli.core.recipe_values import registry_of
 
 
 def check(recipe: Recipe) -> None:
