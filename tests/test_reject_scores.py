@@ -326,3 +326,13 @@ def test_help_texts_name_every_score():
     from vae_cli.cli.app import SCORES_HELP
 
     assert sorted(SCORES_HELP.split(" | ")) == sorted(reject.SCORES.names())
+
+
+def test_every_reject_score_has_a_row_in_the_readme_table():
+    """`--reject-score NAME` takes any registered score: the README's table of scores is where a user reads what
+    each measures and where it fails (the `ratio` row was missing for three sessions)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [n for n in reject.SCORES.names() if f"| `{n}` |" not in readme and f"| `{n}` (default) |" not in readme]
+    assert missing == []
