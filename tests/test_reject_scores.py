@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import ROOT
 from tests.imagegen import noise, outliers
 from vae_cli.artifacts.checkpoint import read_metadata
 from vae_cli.cli import app
@@ -331,8 +332,6 @@ def test_help_texts_name_every_score():
 def test_every_reject_score_has_a_row_in_the_readme_table():
     """`--reject-score NAME` takes any registered score: the README's table of scores is where a user reads what
     each measures and where it fails (the `ratio` row was missing for three sessions)."""
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     missing = [n for n in reject.SCORES.names() if f"| `{n}` |" not in readme and f"| `{n}` (default) |" not in readme]
     assert missing == []
