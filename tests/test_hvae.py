@@ -268,6 +268,43 @@ def test_m2h_smooth_bound_with_a_certain_prediction_is_the_labelled_bound():
     assert torch.allclose(smooth, labelled, rtol=1e-6, atol=1e-3)
 
 
+
+
+def test_m2h_evaluation_bound_is_eq7_in_expectation_at_one_ladder_pass_an_image():
+    """`elbo_parts` draws y ~ q(y|x) instead of decoding every class: the ladder sees each image once (the
+    enumeration sent B*K rows through it, K times the cost of the per-epoch test numbers), y follows q(y|x),
+    and the KL adds KL(q(y|x) || p(y)) to the drawn class's terms, so the mean over draws is M2's eq. 7,
+    sum_y q(y|x) -L(x, y) - H(q). The ladder is replaced by a stand-in whose terms name the class it was told
+    (the real ladder's noise, ~9 nats a draw, would hide a wrong log K; test_mean_log_weight_is_the_elbo ties
+    the real one to the importance weights)."""
+    model = _hvae(name="m2h", width=8, decoder_width=16, head_hidden=0)
+    x = torch.rand(2, 3, 16, 16)
+    q = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.1, 0.7]])
+    rows = []
+
+    def ladder(xb, y):  # one row per image told one class: recon 100 c, KL 10 c
+        assert y.shape == (len(xb), 4) and torch.equal(y.sum(1), torch.ones(len(xb)))
+        rows.append(len(xb))
+        c = y.argmax(1).float()
+        return 100 * c, 10 * c
+
+    model.class_logits, model.gen.neg_elbo_parts = (lambda h: q.log()), ladder
+    torch.manual_seed(3)
+    with torch.no_grad():
+        parts = [model.elbo_parts(x) for _ in range(2000)]
+    assert rows == [2] * 2000
+    c = torch.stack([p["recon"] for p in parts]) / 100  # the drawn classes, (draws, images)
+    kl_y = (q * q.log()).sum(1) + math.log(4)
+    for p, ci in zip(parts, c):
+        assert torch.allclose(p["kl"], 10 * ci + kl_y, atol=1e-4)
+    freq = torch.stack([(c == k).float().mean(0) for k in range(4)], 1)
+    assert (freq - q).abs().max() < 0.04, freq
+    neg_l = 110 * torch.arange(4.0) + math.log(4)  # -L(x, y) of the stand-in, its log p(y) included
+    eq7 = (q * neg_l).sum(1) - -(q * q.log()).sum(1)
+    estimate = torch.stack([p["recon"] + p["kl"] for p in parts]).mean(0)
+    assert torch.allclose(estimate, eq7, atol=4 * 110 / math.sqrt(2000)), (estimate, eq7)
+
+
 def test_grad_skip_skips_updates_far_above_the_running_norm(tmp_path, runner):
     """train.grad_skip=0.01 skips every update whose norm is above 1% of the running average of the accepted ones
     (all of them, once the first 50 steps have made the average) and says so in metrics.csv; at the default (0)
