@@ -268,8 +268,6 @@ def test_m2h_smooth_bound_with_a_certain_prediction_is_the_labelled_bound():
     assert torch.allclose(smooth, labelled, rtol=1e-6, atol=1e-3)
 
 
-
-
 def test_m2h_evaluation_bound_is_eq7_in_expectation_at_one_ladder_pass_an_image():
     """`elbo_parts` draws y ~ q(y|x) instead of decoding every class: the ladder sees each image once (the
     enumeration sent B*K rows through it, K times the cost of the per-epoch test numbers), y follows q(y|x),
