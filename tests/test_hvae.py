@@ -303,6 +303,50 @@ def test_m2h_evaluation_bound_is_eq7_in_expectation_at_one_ladder_pass_an_image(
     assert torch.allclose(estimate, eq7, atol=4 * 110 / math.sqrt(2000)), (estimate, eq7)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_m2h_ladder_images_caps_the_ladder_not_what_the_classifier_sees(share):
+    """`model.ladder_images` caps the images of each kind a step sends through the ladder (the first ones of the
+    random labelled draw and of the `unlabelled_elbo_images`), in proportion to a shard's share, while the
+    trunk, q(y|x) and the self-supervised tasks still see every labelled image and all `unlabelled_elbo_images`
+    (one key for both made m2h's classifier see fewer images than m2's, session 21)."""
+    from vae_cli.models.base import Batch
+
+    model = _hvae(name="m2h", width=8, decoder_width=16, head_hidden=0, unlabelled_elbo_images=12,
+                  ladder_images=4, rotation=1.0, alpha=1.0).train()
+    ladder_rows, trunk_rows = [], []
+    real_ladder, real_trunk = model.gen.neg_elbo_parts, model.trunk.forward
+
+    def ladder(x, y=None):
+        ladder_rows.append(len(x))
+        return real_ladder(x, y)
+
+    def trunk(x):
+        trunk_rows.append(len(x))
+        return real_trunk(x)
+
+    model.gen.neg_elbo_parts, model.trunk.forward = ladder, trunk
+    x = torch.rand(16, 3, 16, 16)
+    batch = Batch(x=x, y=torch.zeros(16, dtype=torch.long), labelled=torch.zeros(16, dtype=torch.bool),
+                  x_lab=torch.rand(10, 3, 16, 16), y_lab=torch.arange(10) % 4, share=share)
+    torch.manual_seed(0)
+    terms = model.loss(batch, 1.0)
+    cap, n = math.ceil(4 * share), math.ceil(12 * share)
+    assert ladder_rows == [cap, cap]  # the labelled bound, then the smooth one
+    assert trunk_rows == [10, n, 10 + n]  # labelled, unlabelled with gradients, the tasks on both
+    assert torch.isfinite(terms["loss"]) and "rotation" in terms
+    terms["loss"].backward()
+    assert model.gen.h0.grad is not None and model.classifier[-1].weight.grad.abs().sum() > 0
+
+
+def test_ladder_images_is_refused_for_a_model_without_a_ladder():
+    from vae_cli.core import recipe
+    from vae_cli.core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="model 'm2' does not read model.ladder_images"):
+        recipe.load("recipes/cifar10-4000-labels.yaml", ["model.ladder_images=8"])
+    assert recipe.load("recipes/cifar10-4000-labels-m2h.yaml", ["model.ladder_images=8"]).model.ladder_images == 8
+
+
 def test_grad_skip_skips_updates_far_above_the_running_norm(tmp_path, runner):
     """train.grad_skip=0.01 skips every update whose norm is above 1% of the running average of the accepted ones
     (all of them, once the first 50 steps have made the average) and says so in metrics.csv; at the default (0)

@@ -93,8 +93,13 @@ class ModelConfig:
     threshold: float = key(0.95, "M2: confidence above which a prediction becomes a pseudo-label",
                            min=0.0, max=1.0)
     unlabelled_elbo_images: int | None = key(None, "M2: unlabelled images per step whose bound enumerates every "
-                                                   "class (null: the whole batch); the consistency term always "
-                                                   "sees the whole batch. Caps the K-fold decoder cost", min=1)
+                                                   "class and which the self-supervised tasks see (null: the "
+                                                   "whole batch); the consistency term always sees the whole "
+                                                   "batch. Caps the K-fold decoder cost", min=1)
+    ladder_images: int | None = key(None, "m2h: labelled and unlabelled images per step, each, whose bound runs "
+                                          "through the ladder (the first of the step's labelled draw and of its "
+                                          "`unlabelled_elbo_images`; null: all of them). Caps the ladder's cost "
+                                          "without changing what the classifier sees", min=1)
     strong_all: bool = key(False, "M2: run the consistency term's strong view on every unlabelled image (true) "
                                   "or only on those whose pseudo-label passed `model.threshold`, at least 64 "
                                   "(false: the same gradient for less work; batch norm sees fewer images)")

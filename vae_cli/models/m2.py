@@ -165,7 +165,7 @@ class M2(Model):
     def loss(self, batch: Batch, kl_weight: float) -> dict[str, Tensor]:
         cfg = self.cfg
         h_lab = self.trunk(batch.x_lab)
-        lab = self.neg_elbo(batch.x_lab, h_lab, batch.y_lab, kl_weight)
+        lab = self.labelled_bound(batch.x_lab, h_lab, batch.y_lab, kl_weight, batch.share)
         class_loss = F.cross_entropy(self.class_logits(h_lab), batch.y_lab)
 
         # The batch is a random slice of the shuffled training set, so its first n images are a random
@@ -179,8 +179,8 @@ class M2(Model):
         if n < len(batch.x) and cfg.consistency > 0:
             with torch.no_grad():
                 q_all = torch.cat([q_all, F.softmax(self.class_logits(self.trunk(batch.x[n:])), 1)])
-        unlab, recon, kl = self.unlabelled_bound(batch.x[:n], h, q, kl_weight)
-        terms = {"loss": lab["value"].mean() + unlab.mean() + cfg.alpha * class_loss, "recon": recon, "kl": kl,
+        unlab, recon, kl = self.unlabelled_bound(batch.x[:n], h, q, kl_weight, batch.share)
+        terms = {"loss": lab + unlab.mean() + cfg.alpha * class_loss, "recon": recon, "kl": kl,
                  "class_loss": class_loss}
         if cfg.consistency > 0 and len(self.input_shape) == 3:
             conf, pseudo = self._pseudo_targets(q_all).max(1)
@@ -201,7 +201,13 @@ class M2(Model):
             terms.update(self._transform_tasks(torch.cat([batch.x_lab, batch.x[:n]]), terms["loss"]))
         return terms
 
-    def unlabelled_bound(self, x: Tensor, h: Tensor, q: Tensor, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    def labelled_bound(self, x: Tensor, h: Tensor, y: Tensor, kl_weight: float, share: float) -> Tensor:
+        """The batch mean of -L(x, y) over the step's labelled images (eq. 6). `share`: the step's fraction this
+        shard holds, for a subclass that caps a per-step count."""
+        return self.neg_elbo(x, h, y, kl_weight)["value"].mean()
+
+    def unlabelled_bound(self, x: Tensor, h: Tensor, q: Tensor, kl_weight: float,
+                         share: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         """(-U(x) per image, its reconstruction and KL terms' batch means) for unlabelled images: eq. 7, every
         class enumerated through the decoder (K decoder passes per image)."""
         per_class = self._enumerate(x, h, kl_weight)

@@ -16,8 +16,12 @@ not K), `log_weights` draws y beside z (an IWAE bound on log p(x) = log sum_y p(
 what they mean for `m2` and `hvae`.
 
 The ladder has its own bottom-up path (`model.decoder_width` channels); q(y|x) keeps the recipe's `backbone`
-trunk, so the classifier's cost is M2's and the generative part adds one ladder pass per image of the bound
-(`model.unlabelled_elbo_images` caps it, as it caps M2's enumeration).
+trunk, so the classifier's cost is M2's and the generative part adds one ladder pass per image of a bound.
+`model.ladder_images` caps those per step, labelled and unlabelled each, apart from the images the classifier
+side sees (`model.unlabelled_elbo_images`: the trunk's pass with gradients and the self-supervised tasks). With
+one key for both, m2h's recipe had to choose between M2's classifier training and an affordable ladder: at 16
+unlabelled images its self-supervised tasks saw 80 images a step where `m2`'s see 128, and its test accuracy fell
+behind m2's at equal epochs (BENCHMARKS.md, session 21).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class M2H(ClassCodes, M2):
     fitted on the labelled images after training): the ladder, told the class at its top, learns to ignore it
     (its samples of a class were classified at chance, BENCHMARKS.md session 16)."""
 
-    reads = (*(k for k in M2.reads if k not in ("decoder", "latent_dim")), *LADDER_KEYS)
+    reads = (*(k for k in M2.reads if k not in ("decoder", "latent_dim")), *LADDER_KEYS, "ladder_images")
 
     def _init_generator(self, cfg) -> None:
         if len(self.input_shape) != 3:
@@ -79,8 +83,25 @@ class M2H(ClassCodes, M2):
         return {"value": recon + kl_weight * self.cfg.beta * kl + math.log(self.num_classes), "recon": recon,
                 "kl": kl}
 
-    def unlabelled_bound(self, x, h, q, kl_weight):
-        """SHOT-VAE's smooth ELBO: one decoder pass under q(y|x), plus KL(q(y|x) || uniform)."""
+    def _ladder_count(self, n: int, share: float) -> int:
+        """How many of a step's n images of one kind go through the ladder: `model.ladder_images`, taken in
+        proportion to the shard's share of the step."""
+        cap = self.cfg.ladder_images
+        return n if cap is None else min(n, math.ceil(cap * share))
+
+    def labelled_bound(self, x, h, y, kl_weight, share):
+        """-L(x, y) (eq. 6) on the first `model.ladder_images` labelled images: the labelled draw is random, so
+        they are a random subset. The bound trains only the ladder (the classifier learns from the labels'
+        cross-entropy on every labelled image), so the cap trades ladder updates for the step's time."""
+        m = self._ladder_count(len(x), share)
+        return self.neg_elbo(x[:m], h, y[:m], kl_weight)["value"].mean()
+
+    def unlabelled_bound(self, x, h, q, kl_weight, share=1.0):
+        """SHOT-VAE's smooth ELBO: one decoder pass under q(y|x), plus KL(q(y|x) || uniform), on the first
+        `model.ladder_images` of the step's `model.unlabelled_elbo_images` (which the trunk, q(y|x) and the
+        self-supervised tasks see in full, as in `m2`)."""
+        m = self._ladder_count(len(x), share)
+        x, q = x[:m], q[:m]
         out = self.neg_elbo(x, h, q, kl_weight)
         neg_entropy = (q.float() * torch.log(q.float().clamp_min(1e-12))).sum(1)
         return out["value"] + neg_entropy, out["recon"].mean(), out["kl"].mean()
