@@ -289,6 +289,21 @@ def test_evaluation_interface(name, likelihood):
         assert class_samples(model, 2).shape == (20, 1, 8, 8)
 
 
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_the_evaluated_bound_does_not_depend_on_beta(name):
+    """`model.beta` weights the KL in training (a beta-VAE); the ELBO that eval, bits/dim and report.html show is
+    the bound itself, the same for any beta at the same weights and draws (m2's was weighted until session 22)."""
+    x = torch.rand(3, 1, 8, 8)
+    parts = []
+    for beta in (1.0, 0.25):
+        model = _model(name, (1, 8, 8), beta=beta).eval()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            parts.append(model.elbo_parts(x))
+    assert torch.allclose(parts[0]["kl"], parts[1]["kl"]) and torch.allclose(parts[0]["recon"], parts[1]["recon"])
+    assert (parts[0]["kl"] > 0.01).all()  # a KL that beta would have changed
+
+
 # --- the value of each likelihood, against an independent reference (the shape tests above would pass with wrong
 # maths) ----------------------------------------------------------------------------------------------------------
 def _reference_nll(name: str, lik, out: torch.Tensor, x: torch.Tensor, levels: int | None) -> torch.Tensor:

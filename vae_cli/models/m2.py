@@ -280,11 +280,12 @@ class M2(Model):
             (len(x),), k, device=x.device)))), 1)[:, k] for k in range(len(CHANNEL_ORDERS)))
 
     def elbo_parts(self, x: Tensor) -> dict[str, Tensor]:
-        """The unlabelled bound split as recon + KL, where KL includes KL(q(y|x) || p(y))."""
+        """The unlabelled bound split as recon + KL, where KL includes KL(q(y|x) || p(y)). The bound itself:
+        `model.beta` weights the KL in training only, as in `vae`, `hvae` and `m2h`."""
         h = self.trunk(x)
         q = F.softmax(self.class_logits(h), 1)
         per_class = self._enumerate(x, h)
-        total = m2_unlabelled_bound(q, per_class["value"])
+        total = m2_unlabelled_bound(q, per_class["recon"] + per_class["kl"] + math.log(self.num_classes))
         recon = (q * per_class["recon"]).sum(1)
         return {"recon": recon, "kl": total - recon}
 
