@@ -343,8 +343,8 @@ def test_ladder_images_is_refused_for_a_model_without_a_ladder():
     from vae_cli.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="model 'm2' does not read model.ladder_images"):
-        recipe.load("recipes/cifar10-4000-labels.yaml", ["model.ladder_images=8"])
-    assert recipe.load("recipes/cifar10-4000-labels-m2h.yaml", ["model.ladder_images=8"]).model.ladder_images == 8
+        recipe.load("recipes/cifar10-4000-labels-m2.yaml", ["model.ladder_images=8"])
+    assert recipe.load("recipes/cifar10-4000-labels.yaml", ["model.ladder_images=8"]).model.ladder_images == 8
 
 
 def test_grad_skip_skips_updates_far_above_the_running_norm(tmp_path, runner):
