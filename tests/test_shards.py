@@ -248,7 +248,7 @@ def test_unlabelled_elbo_images_is_a_per_step_count_across_shards():
     cfg = ModelConfig(name="m2", latent_dim=4, hidden=16, unlabelled_elbo_images=8, consistency=0.0)
     model = build_model(cfg, (1, 8, 8), 3)
     seen = []
-    model.unlabelled_bound = lambda x, h, q, kl: (seen.append(len(x)), (torch.zeros(len(x)),) * 3)[1]
+    model.unlabelled_bound = lambda x, h, q, kl, share: (seen.append(len(x)), (torch.zeros(len(x)),) * 3)[1]
     x = torch.rand(16, 1, 8, 8)
     y = torch.randint(0, 3, (16,))
     lab = torch.zeros(16, dtype=torch.bool)
