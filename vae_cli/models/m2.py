@@ -91,6 +91,12 @@ def random_channel_orders(x: Tensor) -> tuple[Tensor, Tensor]:
     return reorder_channels(x, orders), orders
 
 
+def per_step_count(cap: int | None, share: float, n: int) -> int:
+    """How many of a shard's n images a per-step count `cap` (None: all) gives it: the count taken in proportion to
+    the shard's share of the step (`Batch.share`), so sharding does not multiply it."""
+    return n if cap is None else min(n, math.ceil(cap * share))
+
+
 # The fewest images the consistency term's strong view runs on: batch norm's statistics come from that pass,
 # and a handful of confident images early in a run would give it noisy ones.
 STRONG_MIN = 64
@@ -171,8 +177,7 @@ class M2(Model):
         # The batch is a random slice of the shuffled training set, so its first n images are a random
         # subset: the class enumeration (K decoder passes per image) runs on those only when asked, and the
         # rest only give (gradient-free) pseudo-labels to the consistency term.
-        want = cfg.unlabelled_elbo_images
-        n = min(math.ceil(want * batch.share) if want else len(batch.x), len(batch.x))
+        n = per_step_count(cfg.unlabelled_elbo_images, batch.share, len(batch.x))
         h = self.trunk(batch.x[:n])
         q = F.softmax(self.class_logits(h), 1)
         q_all = q.detach()
@@ -201,7 +206,7 @@ class M2(Model):
             terms.update(self._transform_tasks(torch.cat([batch.x_lab, batch.x[:n]]), terms["loss"]))
         return terms
 
-    def labelled_bound(self, x: Tensor, h: Tensor, y: Tensor, kl_weight: float, share: float) -> Tensor:
+    def labelled_bound(self, x: Tensor, h: Tensor, y: Tensor, kl_weight: float, share: float = 1.0) -> Tensor:
         """The batch mean of -L(x, y) over the step's labelled images (eq. 6). `share`: the step's fraction this
         shard holds, for a subclass that caps a per-step count."""
         return self.neg_elbo(x, h, y, kl_weight)["value"].mean()

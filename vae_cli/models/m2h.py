@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vae_cli.models.hvae import HVAE
-from vae_cli.models.m2 import M2
+from vae_cli.models.m2 import M2, per_step_count
 from vae_cli.models.nets import one_hot
 from vae_cli.models.registry import register
 from vae_cli.models.vae import ClassCodes
@@ -84,24 +84,18 @@ class M2H(ClassCodes, M2):
         return {"value": recon + kl_weight * self.cfg.beta * kl + math.log(self.num_classes), "recon": recon,
                 "kl": kl}
 
-    def _ladder_count(self, n: int, share: float) -> int:
-        """How many of a step's n images of one kind go through the ladder: `model.ladder_images`, taken in
-        proportion to the shard's share of the step."""
-        cap = self.cfg.ladder_images
-        return n if cap is None else min(n, math.ceil(cap * share))
-
-    def labelled_bound(self, x, h, y, kl_weight, share):
+    def labelled_bound(self, x, h, y, kl_weight, share=1.0):
         """-L(x, y) (eq. 6) on the first `model.ladder_images` labelled images: the labelled draw is random, so
         they are a random subset. The bound trains only the ladder (the classifier learns from the labels'
         cross-entropy on every labelled image), so the cap trades ladder updates for the step's time."""
-        m = self._ladder_count(len(x), share)
+        m = per_step_count(self.cfg.ladder_images, share, len(x))
         return self.neg_elbo(x[:m], h, y[:m], kl_weight)["value"].mean()
 
     def unlabelled_bound(self, x, h, q, kl_weight, share=1.0):
         """SHOT-VAE's smooth ELBO: one decoder pass under q(y|x), plus KL(q(y|x) || uniform), on the first
         `model.ladder_images` of the step's `model.unlabelled_elbo_images` (which the trunk, q(y|x) and the
         self-supervised tasks see in full, as in `m2`)."""
-        m = self._ladder_count(len(x), share)
+        m = per_step_count(self.cfg.ladder_images, share, len(x))
         x, q = x[:m], q[:m]
         out = self.neg_elbo(x, h, q, kl_weight)
         neg_entropy = (q.float() * torch.log(q.float().clamp_min(1e-12))).sum(1)
