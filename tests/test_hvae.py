@@ -172,19 +172,32 @@ def test_hvae_trains_on_digits_and_its_pictures_keep_their_class(hvae_digits, ru
     assert "ratio" not in json.loads(info.stdout)["reject"]["components"]
 
 
-def test_level_ratio_only_from_a_hierarchy():
+def _ladder(name, **cfg):
+    """A small `hvae`, or an `m2h` (whose ladder is p(x|y,z)) of the same shape."""
+    return _hvae(name=name, **({"decoder_width": 16, "width": 8, "head_hidden": 0} if name == "m2h" else {}), **cfg)
+
+
+@pytest.mark.parametrize("name", ["hvae", "m2h"])
+def test_level_ratio_only_from_a_hierarchy(name):
     flat = build_model(ModelConfig(name="vae", width=8, latent_dim=4, hidden=16), (3, 16, 16), 4).eval()
-    one_level = _hvae(latent_levels=1)
-    model = _hvae()
+    one_level = _ladder(name, latent_levels=1)
+    model = _ladder(name)
     x = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         assert flat.level_ratio(x, 2) is None and not flat.has_hierarchy
-        assert one_level.level_ratio(x, 2) is None
+        assert one_level.level_ratio(x, 2) is None and not one_level.has_hierarchy
         r = model.level_ratio(x, 4)
+        torch.manual_seed(3)
+        full = model.log_weights(x, 64)
+        torch.manual_seed(3)
+        top = model.log_weights(x, 64, prior_from=model.cfg.depth)  # the 4x4 groups from q, the 8x8 from p
     assert model.has_hierarchy and r.shape == (3,) and torch.isfinite(r).all()
+    # the same random numbers, so the weights differ only if the 8x8 groups really came from their prior
+    assert torch.isfinite(top).all() and not torch.allclose(top, full)
 
 
-def test_a_hierarchy_is_calibrated_for_the_ratio_score():
+@pytest.mark.parametrize("name", ["hvae", "m2h"])
+def test_a_hierarchy_is_calibrated_for_the_ratio_score(name):
     """The `--reject` calibration of a model with latents at two resolutions stores the ratio score's held-out
     values (and its threshold can be rebuilt from them); a one-level model's lacks it."""
     from vae_cli.core.runtime import Runtime
@@ -192,13 +205,13 @@ def test_a_hierarchy_is_calibrated_for_the_ratio_score():
 
     rt = Runtime(torch.device("cpu"), "fp32")
     held, test = torch.rand(12, 3, 16, 16), torch.rand(6, 3, 16, 16)
-    cal, _ = reject.calibrate(_hvae(), held, test, rt, rate=0.1, samples=2, seed=0, default="ratio")
+    cal, _ = reject.calibrate(_ladder(name), held, test, rt, rate=0.1, samples=2, seed=0, default="ratio")
     assert len(cal["components"]["ratio"]) == 12 and math.isfinite(cal["threshold"])
-    flat, _ = reject.calibrate(_hvae(latent_levels=1), held, test, rt, rate=0.1, samples=2, seed=0,
+    flat, _ = reject.calibrate(_ladder(name, latent_levels=1), held, test, rt, rate=0.1, samples=2, seed=0,
                                default="likelihood")
     assert "ratio" not in flat["components"]
-    assert reject.unavailable("ratio", _hvae(latent_levels=1), 12) is not None
-    assert reject.unavailable("ratio", _hvae(), 12) is None
+    assert reject.unavailable("ratio", _ladder(name, latent_levels=1), 12) is not None
+    assert reject.unavailable("ratio", _ladder(name), 12) is None
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -25,7 +25,7 @@ little detail is cheap to encode whatever its content. The scores:
                the RGB channels an image was given (`model.colour_order` > 0; colour permutation as an input
                transformation, Lee et al. 2020, "Self-supervised label augmentation via input
                transformations"): photos whose colours do not fit their content. Colour models with the head.
-  ratio        log p^{>k}(x) - log p(x), from a hierarchical VAE (`hvae`) only: the IWAE bound with the finest
+  ratio        log p^{>k}(x) - log p(x), from a hierarchical VAE (`hvae`, `m2h`) only: the IWAE bound with the finest
                latent groups drawn from their prior against the full one (Havtorn et al. 2021, "Hierarchical
                VAEs know what they don't know"; 0.89 AUROC CIFAR-10 vs SVHN where the plain likelihood gives
                0.08). The finest latents carry the local texture every photo has; the ratio asks how much of
@@ -97,8 +97,8 @@ OPTIONAL = {"rotation": "this model has no rotation head for --reject-score rota
                         "model.rotation > 0, e.g. 5000 on photos)",
             "colour": "this model has no colour-order head for --reject-score colour (train a colour model with "
                       "model.colour_order > 0, e.g. 2000 on photos)",
-            "ratio": "this model has no latent hierarchy for --reject-score ratio (train model.name=hvae with "
-                     "model.latent_levels >= 2)",
+            "ratio": "this model has no latent hierarchy for --reject-score ratio (train model.name=hvae or m2h "
+                     "with model.latent_levels >= 2)",
             "knn": "this weights file has no knn calibration (it was calibrated before the knn score existed, or "
                    "with fewer than 2 held-out images); `vae calibrate FILE` measures every score of this version "
                    "without retraining"}
@@ -245,7 +245,7 @@ def unavailable(score: str, model, holdout_images: int) -> str | None:
                 "images, e.g. 2000) or pick another train.reject_score")
     if score == "ratio" and not model.has_hierarchy:
         return (f"train.reject_score=ratio compares a hierarchy's levels, which '{model.cfg.name}' has not: train "
-                "model.name=hvae (model.latent_levels >= 2) or pick another train.reject_score")
+                "model.name=hvae or m2h (model.latent_levels >= 2) or pick another train.reject_score")
     if score == "knn" and holdout_images and knn_k(holdout_images) is None:
         return (f"train.reject_score=knn compares an image with its nearest held-out neighbours, and this split "
                 f"holds out {holdout_images} image(s): raise data.holdout_fraction (at least 2 held-out images) "

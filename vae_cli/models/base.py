@@ -143,7 +143,8 @@ class Model(nn.Module):
 
     @property
     def has_hierarchy(self) -> bool:
-        """Whether `level_ratio` has latent levels to compare (only the hierarchical VAE)."""
+        """Whether `level_ratio` has latent levels to compare (only a ladder with latents at two resolutions or more:
+        `hvae`, `m2h`)."""
         return False
 
     def level_ratio(self, x: Tensor, k: int) -> Tensor | None:

@@ -62,6 +62,18 @@ def latent_resolutions(h: int, w: int, levels: int) -> list[tuple[int, int]]:
     return below[::-1][:levels] if below else [(h, w)]
 
 
+def top_level_ratio(log_weights, finest: int, x: Tensor, k: int) -> Tensor:
+    """log p^{>k}(x) - log p(x), both IWAE bounds with k samples, where p^{>k} draws the finest resolution's
+    groups (from index `finest` on) from their prior instead of the posterior (Havtorn, Frellsen, Hauberg &
+    Maaloe 2021, "Hierarchical VAEs know what they don't know", the negated LLR^{>k}). The finest latents model
+    local texture that any photo has and that drives the full likelihood (why a photo model rates simple
+    foreign images likely, Nalisnick et al. 2019); the ratio asks how much of x the top levels alone explain.
+    Higher: more like the training data. `log_weights(x, k, prior_from=None)`: a ladder's importance weights."""
+    full = losses.iwae_bound(log_weights(x, k))
+    top = losses.iwae_bound(log_weights(x, k, prior_from=finest))
+    return top - full
+
+
 def _scale_std(raw: Tensor) -> Tensor:
     """A standard deviation from an unbounded activation: softplus, so large activations grow it linearly,
     not exponentially (NVAE's bound); 0.5413 = softplus^-1(1), so a zero activation is a unit scale."""
@@ -259,19 +271,13 @@ class HVAE(M1Head, Model):
     def has_hierarchy(self) -> bool:
         return len(self.groups) > self.cfg.depth
 
+    @property
+    def finest_group(self) -> int:
+        """The index of the finest resolution's first latent group."""
+        return len(self.groups) - self.cfg.depth
+
     def level_ratio(self, x, k):
-        """log p^{>k}(x) - log p(x), both IWAE bounds with k samples, where p^{>k} draws the finest resolution's
-        groups from their prior instead of the posterior (Havtorn, Frellsen, Hauberg & Maaloe 2021,
-        "Hierarchical VAEs know what they don't know", the negated LLR^{>k}). The finest latents model local
-        texture that any photo has and that drives the full likelihood (why a photo model rates simple foreign
-        images likely, Nalisnick et al. 2019); the ratio asks how much of x the top levels alone explain.
-        Higher: more like the training data."""
-        if not self.has_hierarchy:
-            return None
-        finest = len(self.groups) - self.cfg.depth
-        full = losses.iwae_bound(self.log_weights(x, k))
-        top = losses.iwae_bound(self.log_weights(x, k, prior_from=finest))
-        return top - full
+        return top_level_ratio(self.log_weights, self.finest_group, x, k) if self.has_hierarchy else None
 
     def latent_posterior(self, x, y: Tensor | None = None):
         """(mean, log-variance) of the coarsest resolution's groups, flattened, with every group before them

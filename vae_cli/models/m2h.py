@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vae_cli.models.hvae import HVAE
+from vae_cli.models.hvae import HVAE, top_level_ratio
 from vae_cli.models.m2 import M2, per_step_count
 from vae_cli.models.nets import one_hot
 from vae_cli.models.registry import register
@@ -113,14 +113,24 @@ class M2H(ClassCodes, M2):
         kl_y = (q * torch.log(q.clamp_min(1e-12))).sum(1) + math.log(K)
         return {"recon": recon, "kl": kl_z + kl_y}
 
-    def log_weights(self, x, k, levels=None):
-        """Latents (y, z) drawn as y ~ q(y|x), z ~ q(z|x,y) through the ladder; p(y) uniform."""
+    def log_weights(self, x, k, levels=None, prior_from: int | None = None):
+        """Latents (y, z) drawn as y ~ q(y|x), z ~ q(z|x,y) through the ladder; p(y) uniform. `prior_from`: the
+        ladder's groups from this index on drawn from their prior (`level_ratio`)."""
         b, K = len(x), self.num_classes
         log_q = F.log_softmax(self.class_logits(self.trunk(x)), 1)
         y = torch.multinomial(log_q.exp(), k, replacement=True).flatten()  # (B*k), image-major
         log_qy = log_q.repeat_interleave(k, 0).gather(1, y[:, None])[:, 0]
-        log_w = self.gen.log_weights(x, k, levels, y=one_hot(y, K)).flatten() - math.log(K) - log_qy
+        log_w = self.gen.log_weights(x, k, levels, prior_from=prior_from, y=one_hot(y, K)).flatten() \
+            - math.log(K) - log_qy
         return log_w.view(b, k)
+
+    @property
+    def has_hierarchy(self) -> bool:
+        return self.gen.has_hierarchy
+
+    def level_ratio(self, x, k):
+        """The `hvae` ratio (Havtorn et al. 2021) of the ladder, y drawn from q(y|x) in both bounds."""
+        return top_level_ratio(self.log_weights, self.gen.finest_group, x, k) if self.has_hierarchy else None
 
     # --- codes and pictures -----------------------------------------------------------------------------
     def _predicted(self, x: Tensor) -> Tensor:
