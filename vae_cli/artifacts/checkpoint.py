@@ -181,7 +181,13 @@ def load(path: str | Path, device: str | Any = "cpu"):
         state = load_file(str(path), device="cpu")
         if REJECT_REFERENCE in state:
             meta["reject_reference"] = state.pop(REJECT_REFERENCE).float()
-        model.load_state_dict(state, strict=True)
+        # buffers a model lists as optional (fitted after training by a newer version) may be missing from an
+        # older file: they keep their unfitted values and the model falls back to what that file knew
+        optional = {n for n in model.state_dict() if n.rsplit(".", 1)[-1] in getattr(model, "optional_buffers", ())}
+        result = model.load_state_dict(state, strict=False)  # sizes are checked all the same
+        wrong = sorted(set(result.missing_keys) - optional) + sorted(result.unexpected_keys)
+        if wrong:
+            raise RuntimeError(f"missing or unexpected tensor(s) {', '.join(wrong[:3])}")
     except Exception as e:  # size mismatches, missing tensors, damaged data
         raise CheckpointError(f"weights in '{path}' do not fit model '{meta['model']}' "
                               f"({str(e).splitlines()[0]}); the file is damaged or from another version") from None

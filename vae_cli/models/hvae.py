@@ -40,6 +40,7 @@ from vae_cli.models import losses
 from vae_cli.models.base import Model
 from vae_cli.models.likelihoods import decoder_channels, make_likelihood
 from vae_cli.models.nets import fp32
+from vae_cli.models.ppca import CodeDensity
 from vae_cli.models.registry import register
 from vae_cli.models.vae import M1Head
 
@@ -151,7 +152,7 @@ class TopDownGroup(nn.Module):
 
 
 @register("hvae")
-class HVAE(M1Head, Model):
+class HVAE(M1Head, CodeDensity, Model):
     """Hierarchical VAE (VDVAE/NVAE-style top-down ladder) with an M1 classifier on its coarsest latents."""
 
     needs_labelled_batch = False  # unsupervised; labels are used after the loop, by fit_classifier
@@ -188,10 +189,13 @@ class HVAE(M1Head, Model):
         self.likelihood = make_likelihood(cfg, self.image_shape)
         self.to_params = nn.Conv2d(width, decoder_channels(cfg, self.image_shape) * self.patch ** 2, 1)
         self.code_dim = cfg.depth * zc * top[0] * top[1]  # the M1 code: every group at the coarsest resolution
+        self.group_shapes = [(zc, *r) for r in self.latent_res for _ in range(cfg.depth)]
+        self.codes_dim = sum(math.prod(s) for s in self.group_shapes)  # every group: what class samples draw
         if conditional:
             self.y_in = nn.Linear(num_classes, width)
         else:
             self._init_m1(self.code_dim, num_classes, cfg.head_hidden, cfg.dropout)
+            self._init_code_density(self.codes_dim, num_classes)
 
     @property
     def latent_size(self) -> int:
@@ -210,8 +214,9 @@ class HVAE(M1Head, Model):
 
     def top_down(self, n: int, acts: dict | None, mode: str, temperature: float = 1.0, top_codes: Tensor | None = None,
                  prior_from: int | None = None, y: Tensor | None = None) -> tuple[Tensor, list[dict[str, Tensor]]]:
-        """Decoder parameters and every group's outputs. `top_codes` (n, code_dim) fixes the coarsest
-        resolution's groups (class-conditional samples, interpolation); the rest follow `mode`, except groups
+        """Decoder parameters and every group's outputs. `top_codes` (n, D) fixes the first groups, D their
+        sizes added: `code_dim` the coarsest resolution's (interpolation), `codes_dim` all of them (class
+        samples, `CodeDensity`); the rest follow `mode`, except groups
         from index `prior_from` on, which draw from their prior (`level_ratio`). `y`: class weights (n, K) of a
         conditional ladder."""
         # the batch size from a tensor where there is one, so an exported graph keeps a dynamic batch
@@ -222,8 +227,7 @@ class HVAE(M1Head, Model):
             h = h + fp32(self.y_in, y)[:, :, None, None]
         if acts is not None:
             h = h.to(next(iter(acts.values())).dtype)
-        given = list(top_codes.view(n, self.cfg.depth, self.cfg.latent_channels, *self.latent_res[0]).unbind(1)) \
-            if top_codes is not None else []
+        given = self._split_codes(top_codes) if top_codes is not None else []
         outs, g = [], 0
         for r in self.latent_res:
             if h.shape[-2:] != r:
@@ -238,6 +242,26 @@ class HVAE(M1Head, Model):
             h = block(F.interpolate(h, size=r, mode="nearest"))
         params = fp32(self.to_params, h)
         return (F.pixel_shuffle(params, self.patch) if self.patch > 1 else params), outs
+
+    def _split_codes(self, codes: Tensor) -> list[Tensor]:
+        """Flat codes (n, D) as the first groups' z, coarsest first (D: those groups' sizes added)."""
+        out, i = [], 0
+        for shape in self.group_shapes:
+            d = math.prod(shape)
+            if i + d > codes.shape[1]:
+                break
+            out.append(codes[:, i:i + d].reshape(-1, *shape))
+            i += d
+        if i != codes.shape[1]:
+            raise ValueError(f"{codes.shape[1]} code values do not fill whole latent groups")
+        return out
+
+    def all_codes(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mean, variance) of every group's posterior, each group given the means of those before it,
+        flattened coarsest first (`codes_dim` numbers an image): what `CodeDensity` fits."""
+        _, outs = self.top_down(len(x), self.bottom_up(x), "mean", y=y)
+        return (torch.cat([o["mean"].flatten(1) for o in outs], 1).float(),
+                torch.cat([o["logvar"].flatten(1) for o in outs], 1).float().exp())
 
     def _kl(self, outs: list[dict[str, Tensor]]) -> Tensor:
         return torch.stack([o["kl"] for o in outs], 0).sum(0)
@@ -296,7 +320,20 @@ class HVAE(M1Head, Model):
         params, _ = self.top_down(len(z), None, "prior", 0.0, top_codes=z)
         return self.likelihood.mean(params)
 
+    def fit_classifier(self, x, y, steps, batch_size):
+        """The M1 head and class codes (`M1Head`), and the per-class PPCA over every group (`CodeDensity`)."""
+        out = super().fit_classifier(x, y, steps, batch_size)
+        with torch.no_grad():
+            self.eval()
+            parts = [self.all_codes(xb) for xb in x.split(512)]
+            self.fit_code_density(torch.cat([m for m, _ in parts]), y, torch.cat([v for _, v in parts]))
+        return out
+
     def sample(self, n, y=None, temperature=1.0):
+        """n images; y (indices): their classes, every group from the class's PPCA (`CodeDensity`; a file from
+        before it: the coarsest groups from the class codes, the rest from the prior)."""
+        if y is not None and self.has_code_density:
+            return self.draw(n, temperature, top_codes=self.draw_class_codes(y, temperature))
         codes = self.class_codes(y, temperature) if y is not None else None
         return self.draw(n, temperature, top_codes=codes)
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from vae_cli.models.hvae import HVAE, top_level_ratio
 from vae_cli.models.m2 import M2, per_step_count
 from vae_cli.models.nets import one_hot
+from vae_cli.models.ppca import CodeDensity
 from vae_cli.models.registry import register
 from vae_cli.models.vae import ClassCodes
 
@@ -44,7 +45,7 @@ LADDER_KEYS = ("decoder_width", "latent_channels", "depth", "latent_levels")
 
 
 @register("m2h")
-class M2H(ClassCodes, M2):
+class M2H(ClassCodes, CodeDensity, M2):
     """M2 whose p(x|y,z) is a hierarchical VAE's ladder, trained on SHOT-VAE's smooth ELBO (one decoder pass).
     Class-conditional samples start from codes of the class (`ClassCodes` over the ladder's coarsest groups,
     fitted on the labelled images after training): the ladder, told the class at its top, learns to ignore it
@@ -58,14 +59,18 @@ class M2H(ClassCodes, M2):
         ladder_cfg = dataclasses.replace(cfg, width=cfg.decoder_width or cfg.width)
         self.gen = HVAE(ladder_cfg, self.input_shape, self.num_classes, conditional=True)
         self._init_class_codes(self.gen.code_dim, self.num_classes)
+        self._init_code_density(self.gen.codes_dim, self.num_classes)
 
     def fit_classifier(self, x: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:
-        """After training: each class's Gaussian over the coarsest codes of its labelled images (given their
-        class), for class-conditional sampling. q(y|x) is trained with the model: `steps` is unused."""
+        """After training, for class-conditional sampling: each class's PPCA over every group's codes of its
+        labelled images, given their class (`CodeDensity`), and its Gaussian over the coarsest codes
+        (`ClassCodes`: interpolation and embeddings). q(y|x) is trained with the model: `steps` is unused."""
         with torch.no_grad():
             self.eval()
             parts = [self.gen.latent_posterior(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
             self.fit_class_codes(torch.cat([m for m, _ in parts]).float(), torch.cat([v for _, v in parts]).float(), y)
+            codes = [self.gen.all_codes(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
+            self.fit_code_density(torch.cat([m for m, _ in codes]), y, torch.cat([v for _, v in codes]))
         return {}
 
     @property
@@ -146,11 +151,11 @@ class M2H(ClassCodes, M2):
         return self.gen.likelihood.mean(params)
 
     def sample(self, n, y=None, temperature=1.0):
-        """n images; y (indices): their classes, each from a code of its class (`ClassCodes`), finer groups from
-        the ladder's prior."""
+        """n images; y (indices): their classes, every group's code from the class's PPCA (`CodeDensity`; a file
+        from before it: the coarsest from `ClassCodes`, finer groups from the ladder's prior)."""
         if y is None:
             y = torch.arange(n, device=self.device) % self.num_classes
-        codes = self.class_codes(y, temperature)
+        codes = self.draw_class_codes(y, temperature) if self.has_code_density else self.class_codes(y, temperature)
         return self.gen.draw(n, temperature, top_codes=codes, y=self._y(y))
 
     def reconstruct(self, x):
