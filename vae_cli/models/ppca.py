@@ -6,9 +6,9 @@ Why every group and why PPCA: on CIFAR-10 the objects live in the 16x16 latents 
 ladder's diagonal prior there draws textures whatever the coarse codes say, so codes of the class at the 4x4
 groups only (`ClassCodes`) gave samples its own classifier named at 13-16%. A Gaussian per class over all groups
 with a diagonal covariance draws every latent position on its own: 16%. With a covariance of low rank, the
-class's main directions of variation move the positions together, as real codes do: 49-58% for ranks 16-256
+class's main directions of variation move the positions together, as real codes do: 49-59% for ranks 16-256
 (session 23). The rank is capped (`RANK`): the class's top directions hold its shapes, the rest is estimated
-from a few hundred codes in thousands of dimensions and added noise (rank 256: 50%).
+from a few hundred codes in thousands of dimensions and added noise (rank 256: 49%).
 
 The model (Tipping & Bishop 1999, "Probabilistic principal component analysis", section 3.2): c ~ N(mu, W W^T +
 s2 I), fitted in closed form by maximum likelihood: mu the mean, W = U_r (L_r - s2)^(1/2) from the top r
