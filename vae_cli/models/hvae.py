@@ -257,11 +257,12 @@ class HVAE(M1Head, CodeDensity, Model):
         return out
 
     def all_codes(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(mean, variance) of every group's posterior, each group given the means of those before it,
-        flattened coarsest first (`codes_dim` numbers an image): what `CodeDensity` fits."""
+        """(mean, log-variance) of every group's posterior, each group given the means of those before it,
+        flattened coarsest first (`codes_dim` numbers an image; the first `code_dim` are `latent_posterior`'s):
+        what `CodeDensity` fits."""
         _, outs = self.top_down(len(x), self.bottom_up(x), "mean", y=y)
         return (torch.cat([o["mean"].flatten(1) for o in outs], 1).float(),
-                torch.cat([o["logvar"].flatten(1) for o in outs], 1).float().exp())
+                torch.cat([o["logvar"].flatten(1) for o in outs], 1).float())
 
     def _kl(self, outs: list[dict[str, Tensor]]) -> Tensor:
         return torch.stack([o["kl"] for o in outs], 0).sum(0)

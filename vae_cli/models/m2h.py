@@ -67,10 +67,12 @@ class M2H(ClassCodes, CodeDensity, M2):
         (`ClassCodes`: interpolation and embeddings). q(y|x) is trained with the model: `steps` is unused."""
         with torch.no_grad():
             self.eval()
-            parts = [self.gen.latent_posterior(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
-            self.fit_class_codes(torch.cat([m for m, _ in parts]).float(), torch.cat([v for _, v in parts]).float(), y)
-            codes = [self.gen.all_codes(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
-            self.fit_code_density(torch.cat([m for m, _ in codes]), y, torch.cat([v for _, v in codes]))
+            # one ladder pass: the coarsest codes are the first `code_dim` of every group's
+            parts = [self.gen.all_codes(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
+            mean, logvar = torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+            d = self.gen.code_dim
+            self.fit_class_codes(mean[:, :d], logvar[:, :d], y)
+            self.fit_code_density(mean, y, logvar)
         return {}
 
     @property

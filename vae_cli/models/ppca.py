@@ -64,8 +64,8 @@ class CodeDensity:
     def has_code_density(self) -> bool:
         return bool((self.code_noise > 0).all())
 
-    def fit_code_density(self, codes: Tensor, y: Tensor, posterior_var: Tensor) -> None:
-        """Each class's PPCA over its images' codes. `posterior_var` (N, D): where a class has too few images
+    def fit_code_density(self, codes: Tensor, y: Tensor, posterior_logvar: Tensor) -> None:
+        """Each class's PPCA over its images' codes. `posterior_logvar` (N, D): where a class has too few images
         for any direction or spread (one image), its noise is their mean posterior variance, so its samples
         are not copies of its codes."""
         with torch.no_grad():
@@ -77,7 +77,7 @@ class CodeDensity:
                 mean, w, s2 = ppca_fit(sel, self.code_basis.shape[1])
                 self.code_mean[c] = mean
                 self.code_basis[c, :len(w)] = w.to(self.code_basis.dtype)
-                floor = posterior_var[y == c].float().mean() if len(w) == 0 else torch.tensor(1e-8)
+                floor = posterior_logvar[y == c].float().exp().mean() if len(w) == 0 else torch.tensor(1e-8)
                 self.code_noise[c] = torch.maximum(s2, floor).clamp_min(1e-8)
 
     def draw_class_codes(self, y: Tensor, temperature: float) -> Tensor:
