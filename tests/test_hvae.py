@@ -214,6 +214,31 @@ def test_a_hierarchy_is_calibrated_for_the_ratio_score(name):
     assert reject.unavailable("ratio", _ladder(name), 12) is None
 
 
+@pytest.mark.parametrize("name", ["hvae", "m2h"])
+def test_the_ratio_reuses_the_likelihoods_bound(name):
+    """Measured beside the `likelihood` score (as calibration does), the ratio takes the whole model's bound
+    from that pass: the ladder runs the full bound once, and ratio + log p(x) is the top levels' bound."""
+    from vae_cli.core.runtime import Runtime
+    from vae_cli.evaluation import reject
+    from vae_cli.evaluation.evaluate import level_ratio
+
+    rt, model, x = Runtime(torch.device("cpu"), "fp32"), _ladder(name), torch.rand(5, 3, 16, 16)
+    calls = {"full": 0, "top": 0}
+    inner = model.log_weights
+
+    def counted(xb, k, levels=None, prior_from=None):
+        calls["full" if prior_from is None else "top"] += 1
+        return inner(xb, k, levels, prior_from=prior_from)
+
+    model.log_weights = counted
+    both = reject.measure(model, x, rt, samples=3, seed=7, parts={"log_px", "levels"})
+    assert calls == {"full": 1, "top": 1}  # one batch: one pass each, where there were two full ones
+    top = level_ratio(model, x, 3, rt, seed=7, full=torch.zeros(5))  # the top bound alone, same draws
+    assert torch.allclose(both["levels"] + both["log_px"], top, atol=1e-4)
+    alone = reject.measure(model, x, rt, samples=3, seed=7, parts={"levels"})  # `--reject-score ratio` alone
+    assert torch.isfinite(alone["levels"]).all() and calls["full"] == 2
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (["model.name=vae", "model.depth=3"], "model 'vae' does not read model.depth"),
     (["model.name=hvae", "model.consistency=50"], "model 'hvae' does not read model.consistency"),

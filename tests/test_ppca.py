@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from vae_cli.core.recipe import ModelConfig
 from vae_cli.models import build_model
-from vae_cli.models.ppca import ppca_draw, ppca_fit
+from vae_cli.models.ppca import OVERSAMPLE, ppca_draw, ppca_fit, top_eigen
 
 
 def test_ppca_fit_recovers_a_low_rank_gaussian():
@@ -36,6 +36,29 @@ def test_ppca_fit_recovers_a_low_rank_gaussian():
     # fewer rows than the rank asks: the rank follows the data (n - 1 directions), never past it
     _, w2, _ = ppca_fit(x[:4], 32)
     assert w2.shape == (3, d)
+
+
+def test_the_randomised_eigenpairs_are_the_exact_ones():
+    """Codes wider than the sketch (every label of a class: thousands of rows of thousands of numbers) take the
+    randomised SVD: its eigenvalues and directions are the exact SVD's, the same on every call, and it draws
+    nothing from torch's global random state."""
+    g = torch.Generator().manual_seed(2)
+    n, d, r = 400, 600, 8
+    assert min(n, d) > 2 * (r + OVERSAMPLE)  # the randomised path
+    x = (torch.randn(n, 40, generator=g) * torch.linspace(4, 0.5, 40)) @ torch.randn(40, d, generator=g)
+    xc = (x + 0.2 * torch.randn(n, d, generator=g)).double()
+    xc -= xc.mean(0)
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    lam, vecs = top_eigen(xc, r)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.allclose(lam, s[:r] ** 2 / n, rtol=1e-8)
+    assert torch.allclose((vecs * vh[:r]).sum(1).abs(), torch.ones(r, dtype=torch.float64), atol=1e-8)
+    again, _ = top_eigen(xc, r)
+    assert torch.equal(again, lam)
+    _, _, s2 = ppca_fit(xc, r)  # the noise: the mean of every discarded eigenvalue, from the trace
+    assert s2.item() == pytest.approx(((s[r:] ** 2 / n).sum() / (d - r)).item(), rel=1e-5)
 
 
 def _ladder(name):

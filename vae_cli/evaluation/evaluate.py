@@ -131,13 +131,17 @@ def generative_accuracy(model, x: Tensor, y: Tensor, runtime: Runtime, batch_siz
 
 
 @torch.no_grad()
-def level_ratio(model, x: Tensor, k: int, runtime: Runtime, batch_size: int = 256, seed: int = 0) -> Tensor | None:
-    """`Model.level_ratio` per image (float64, on the CPU), or None for a model without a hierarchy."""
+def level_ratio(model, x: Tensor, k: int, runtime: Runtime, batch_size: int = 256, seed: int = 0,
+                full: Tensor | None = None) -> Tensor | None:
+    """`Model.level_ratio` per image (float64, on the CPU), or None for a model without a hierarchy. `full`:
+    `log_likelihood(model, x, k, None, ...)` when the caller has it, which saves one of the two IWAE passes."""
     if not model.has_hierarchy:
         return None
     model.eval()
+    fulls = iter(full.split(batch_size)) if full is not None else None
     with seeded(seed, runtime.device):
-        out = _batched(lambda xb: model.level_ratio(xb, k), x, runtime, batch_size)
+        out = _batched(lambda xb: model.level_ratio(xb, k, None if fulls is None else next(fulls).to(xb.device)),
+                       x, runtime, batch_size)
     return torch.cat(out).double() if out else torch.empty(0, dtype=torch.float64)
 
 

@@ -154,8 +154,6 @@ def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | fro
         out["upright"] = up.double()
     if "colours" in parts and (c := true_colours(model, x, rt)) is not None:
         out["colours"] = c.double()
-    if "levels" in parts and (r := level_ratio(model, x, samples, rt, seed=seed)) is not None:
-        out["levels"] = r
     if "png_bits" in parts:
         out["png_bits"] = png_bits(x)
     if "confidence" in parts:
@@ -164,6 +162,8 @@ def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | fro
         out["energy"] = energy(model, x, rt).double()
     if "log_px" in parts:
         out["log_px"] = log_likelihood(model, x, samples, None, rt, seed=seed, progress=progress).double()
+    if "levels" in parts and (r := level_ratio(model, x, samples, rt, seed=seed, full=out.get("log_px"))) is not None:
+        out["levels"] = r  # with the likelihood's bound when it was measured: one ladder pass, not two
     return out
 
 

@@ -147,9 +147,10 @@ class Model(nn.Module):
         `hvae`, `m2h`)."""
         return False
 
-    def level_ratio(self, x: Tensor, k: int) -> Tensor | None:
+    def level_ratio(self, x: Tensor, k: int, full: Tensor | None = None) -> Tensor | None:
         """(B,) the likelihood ratio between a hierarchical model's top levels and the whole of it (Havtorn et
-        al. 2021); None for a model with one level of latents."""
+        al. 2021); None for a model with one level of latents. `full`: (B,) the whole model's IWAE bound with k
+        samples, when the caller has measured it already."""
         return None
 
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:

@@ -63,14 +63,17 @@ def latent_resolutions(h: int, w: int, levels: int) -> list[tuple[int, int]]:
     return below[::-1][:levels] if below else [(h, w)]
 
 
-def top_level_ratio(log_weights, finest: int, x: Tensor, k: int) -> Tensor:
+def top_level_ratio(log_weights, finest: int, x: Tensor, k: int, full: Tensor | None = None) -> Tensor:
     """log p^{>k}(x) - log p(x), both IWAE bounds with k samples, where p^{>k} draws the finest resolution's
     groups (from index `finest` on) from their prior instead of the posterior (Havtorn, Frellsen, Hauberg &
     Maaloe 2021, "Hierarchical VAEs know what they don't know", the negated LLR^{>k}). The finest latents model
     local texture that any photo has and that drives the full likelihood (why a photo model rates simple
     foreign images likely, Nalisnick et al. 2019); the ratio asks how much of x the top levels alone explain.
-    Higher: more like the training data. `log_weights(x, k, prior_from=None)`: a ladder's importance weights."""
-    full = losses.iwae_bound(log_weights(x, k))
+    Higher: more like the training data. `log_weights(x, k, prior_from=None)`: a ladder's importance weights;
+    `full`: log p(x)'s bound with k samples when the caller has it already (the `likelihood` score's pass), so
+    the ratio costs one ladder pass instead of two."""
+    if full is None:
+        full = losses.iwae_bound(log_weights(x, k))
     top = losses.iwae_bound(log_weights(x, k, prior_from=finest))
     return top - full
 
@@ -301,8 +304,8 @@ class HVAE(M1Head, CodeDensity, Model):
         """The index of the finest resolution's first latent group."""
         return len(self.groups) - self.cfg.depth
 
-    def level_ratio(self, x, k):
-        return top_level_ratio(self.log_weights, self.finest_group, x, k) if self.has_hierarchy else None
+    def level_ratio(self, x, k, full=None):
+        return top_level_ratio(self.log_weights, self.finest_group, x, k, full) if self.has_hierarchy else None
 
     def latent_posterior(self, x, y: Tensor | None = None):
         """(mean, log-variance) of the coarsest resolution's groups, flattened, with every group before them

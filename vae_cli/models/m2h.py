@@ -135,9 +135,9 @@ class M2H(ClassCodes, CodeDensity, M2):
     def has_hierarchy(self) -> bool:
         return self.gen.has_hierarchy
 
-    def level_ratio(self, x, k):
+    def level_ratio(self, x, k, full=None):
         """The `hvae` ratio (Havtorn et al. 2021) of the ladder, y drawn from q(y|x) in both bounds."""
-        return top_level_ratio(self.log_weights, self.gen.finest_group, x, k) if self.has_hierarchy else None
+        return top_level_ratio(self.log_weights, self.gen.finest_group, x, k, full) if self.has_hierarchy else None
 
     # --- codes and pictures -----------------------------------------------------------------------------
     def _predicted(self, x: Tensor) -> Tensor:
