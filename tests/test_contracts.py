@@ -115,6 +115,10 @@ def test_training_reaches_the_strong_view_reports_the_optimizer_and_restores_glo
     out = result.to_json()
     assert out["paths"]["weights"] == str(tmp_path / "m2" / "model.safetensors") and out["rank"] == 0
     assert {"run_dir", "device", "precision", "epochs", "test", "rank_checksums", "reject"} <= set(out)
+    # where the time after the loop went, stage by stage, in the JSON and on the log
+    assert list(out["finish_seconds"]) == ["classifier", "evaluation", "calibration", "weights and pictures"]
+    assert all(v >= 0 for v in out["finish_seconds"].values())
+    assert "after the loop: classifier" in logs.stream.getvalue()
 
 
 def test_pillow_limits_are_set_only_while_decoding(tmp_path):

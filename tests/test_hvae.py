@@ -233,7 +233,7 @@ def test_the_ratio_reuses_the_likelihoods_bound(name):
     model.log_weights = counted
     both = reject.measure(model, x, rt, samples=3, seed=7, parts={"log_px", "levels"})
     assert calls == {"full": 1, "top": 1}  # one batch: one pass each, where there were two full ones
-    top = level_ratio(model, x, 3, rt, seed=7, full=torch.zeros(5))  # the top bound alone, same draws
+    top = level_ratio(model, x, 3, rt, seed=7 + reject.TOP_DRAWS, full=torch.zeros(5))  # the top bound, same draws
     assert torch.allclose(both["levels"] + both["log_px"], top, atol=1e-4)
     alone = reject.measure(model, x, rt, samples=3, seed=7, parts={"levels"})  # `--reject-score ratio` alone
     assert torch.isfinite(alone["levels"]).all() and calls["full"] == 2

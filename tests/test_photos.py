@@ -33,6 +33,12 @@ PHOTO = ["data.name=folder", "data.image_size=16", "data.channels=3", "data.labe
          "train.kl_warmup_epochs=1",
          "train.head_steps=0", "train.reject_samples=4", "train.latent_map=pca", "train.num_samples=16"]
 
+# recipes/folder-example.yaml's model (m2h: the same classifier, p(x|y,z) a hierarchical VAE's ladder), small:
+# PHOTO without M2's decoder keys, with a ladder of latents at 4x4 and 8x8 (so it has levels for `ratio`)
+M2_DECODER = ("model.name=", "model.decoder=", "model.hidden=", "model.latent_dim=", "model.likelihood=")
+PHOTO_LADDER = [o for o in PHOTO if not o.startswith(M2_DECODER)] + [
+    "model.likelihood=logistic_mixture", "model.mixtures=3", "model.decoder_width=8", "model.latent_channels=4",
+    "model.depth=1", "model.latent_levels=2", "model.ladder_images=8"]
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
@@ -201,7 +207,7 @@ def test_colour_folder_end_to_end(tmp_path, photos, runner):
     """train, eval, sample and classify a colour folder of 64-128 px JPEG/PNG files in RGB, palette, RGBA and
     CMYK at 16x16: the model beats chance (1/3) clearly and every command works on it."""
     root, test_files = photos
-    res = runner.invoke(app, ["train", "recipes/folder-example.yaml", *PHOTO, f"data.root={root}", "epochs=12",
+    res = runner.invoke(app, ["train", "recipes/folder-example.yaml", *PHOTO_LADDER, f"data.root={root}", "epochs=12",
                               "--out", str(tmp_path), "--name", "photo", "--device", "cpu", "--precision", "fp32",
                               "--json", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -210,8 +216,11 @@ def test_colour_folder_end_to_end(tmp_path, photos, runner):
     weights = tmp_path / "photo" / "model.safetensors"
     ev = runner.invoke(app, ["eval", str(weights), "--json", "--iw-samples", "4"])
     assert ev.exit_code == 0, ev.output
-    nll = json.loads(ev.stdout)["nll"]
+    report = json.loads(ev.stdout)
+    nll = report["nll"]
     assert nll["discrete"] is True and nll["levels"] == 256 and 0 < nll["bits_per_dim"] < 16
+    # the shipped template classifies and generates: both picture numbers are measured, not null
+    assert 0 <= report["recon_accuracy"] <= 1 and 0 <= report["sample_accuracy"] <= 1
     cl = runner.invoke(app, ["classify", str(weights), *map(str, test_files), "-f", "json"])
     assert cl.exit_code == 0, cl.output
     rows = json.loads(cl.stdout)

@@ -94,6 +94,24 @@ def test_class_samples_decode_codes_of_their_class_at_every_group(name):
     assert warm.shape == (6, 3, 16, 16) and warm.std(0).mean() > 0  # temperature 1 varies around the mean
 
 
+def test_hvae_fits_head_codes_and_density_from_one_ladder_pass():
+    """The M1 head's statistics and class codes come from the same pass as the PPCA (the coarsest codes are
+    the first of every group's): the encoder runs once a batch, and they equal what `latent_posterior` gives."""
+    from vae_cli.models.vae import M1Head
+
+    model, twin = _ladder("hvae"), _ladder("hvae")
+    torch.manual_seed(1)
+    x, y = torch.rand(30, 3, 16, 16), torch.arange(3).repeat_interleave(10)
+    passes = []
+    inner = model.bottom_up
+    model.bottom_up = lambda xb: passes.append(len(xb)) or inner(xb)
+    model.fit_classifier(x, y, 0, 16)
+    assert passes == [30]  # one batch, one pass (two before: the head's and the density's)
+    M1Head.fit_classifier(twin, x, y, 0, 16)  # the head's own path: latent_posterior
+    for name in ("feat_mean", "feat_std", "class_mu", "class_logvar"):
+        assert torch.allclose(getattr(model, name), getattr(twin, name), atol=1e-5), name
+
+
 def test_split_codes_refuses_codes_that_do_not_fill_groups():
     model = _ladder("hvae")
     with pytest.raises(ValueError, match="whole latent groups"):

@@ -20,7 +20,7 @@ from vae_cli.models import build_model
 from vae_cli.models.base import Batch
 from vae_cli.models.m2 import CHANNEL_ORDERS, random_channel_orders, random_turns, reorder_channels
 
-from .test_photos import PHOTO
+from .test_photos import PHOTO_LADDER
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (3, 12, 20)], ids=["square", "wide"])
@@ -145,7 +145,7 @@ def rotation_run(tmp_path_factory, runner):
     for i, f in enumerate(test_files):
         Image.fromarray(np.asarray(Image.open(f).convert("RGB"))[..., ::-1].copy()).save(swapped / f"{i:03d}.png")
     out = tmp_path_factory.mktemp("rotrun")
-    res = runner.invoke(app, ["train", "recipes/folder-example.yaml", *PHOTO, f"data.root={root}", "epochs=10",
+    res = runner.invoke(app, ["train", "recipes/folder-example.yaml", *PHOTO_LADDER, f"data.root={root}", "epochs=10",
                               "model.rotation=3000", "model.colour_order=3000", "--out", str(out), "--name", "rot",
                               "--device", "cpu", "--precision", "fp32", "--json", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -156,9 +156,9 @@ def test_rotation_score_is_calibrated_and_joins_the_default(rotation_run):
     from vae_cli.artifacts.checkpoint import read_metadata
 
     cal = read_metadata(rotation_run[0])["reject"]
-    # rotation's held-out values travel with the others (ratio: hierarchical models only)
-    assert set(cal["components"]) == set(reject.BASE) - {"ratio"}
-    assert set(cal["test_reject_rates"]) == set(reject.SCORES.names()) - {"ratio"}
+    # rotation's held-out values travel with the others, the ladder's ratio too (folder-example is m2h)
+    assert set(cal["components"]) == set(reject.BASE)
+    assert set(cal["test_reject_rates"]) == set(reject.SCORES.names())
     held = reject.held_sorted(cal)
     base = {n: torch.tensor(v, dtype=torch.float64) for n, v in cal["components"].items()}
     both = reject.values("combined", base, held, in_sample=True)

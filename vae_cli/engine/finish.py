@@ -5,6 +5,7 @@ uninterrupted one (and every rank computes the same).
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ class TrainResult:
     reject: dict[str, Any] | None = None  # the --reject calibration, without the held-out scores
     cpu: dict[str, Any] = field(default_factory=dict)  # the CPU budget (threads and where they came from)
     init: dict[str, Any] | None = None  # what train.init loaded (engine/warmstart.py), None without one
+    finish_seconds: dict[str, float] = field(default_factory=dict)  # each stage after the loop, wall seconds
 
     @property
     def paths(self) -> dict[str, str]:
@@ -70,7 +72,7 @@ class TrainResult:
         out = {"run_dir": str(self.run.root), "paths": self.paths, "device": self.device,
                "precision": self.precision, "epochs": self.epochs, "processes": self.processes, "rank": self.rank,
                "rank_checksums": self.rank_checksums, "train_seconds": self.train_seconds, "test": self.test,
-               "cpu": self.cpu, "init": self.init}
+               "cpu": self.cpu, "init": self.init, "finish_seconds": self.finish_seconds}
         if self.reject is not None:
             out["reject"] = self.reject
         return out
@@ -86,6 +88,12 @@ def finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows:
 
 def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows: list[dict],
             reporter: Reporter, seconds: float, d: Dist) -> TrainResult:
+    stages, clock = {}, time.monotonic()
+
+    def lap(stage: str) -> None:  # the finish of a CIFAR-10 ladder takes minutes: say where they go
+        nonlocal clock
+        stages[stage], clock = round(time.monotonic() - clock, 1), time.monotonic()
+
     lab = data.labelled
     if is_lazy(data.train_x) and len(lab) > STREAMED_FIT_IMAGES:  # do not decode a whole streamed dataset
         lab = lab[torch.randperm(len(lab), generator=torch.Generator().manual_seed(recipe.seed))[:STREAMED_FIT_IMAGES]]
@@ -94,11 +102,13 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
     with single_threaded() if rt.device.type == "cpu" else nullcontext():  # saved: the same on any cores
         head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
                                     recipe.train.head_steps, 256)
+    lap("classifier")
     checksums = [int(c) for c in d.gather(torch.tensor([distributed.checksum(model)], device=rt.device))]
     if len(set(checksums)) > 1:
         raise VaeError(f"the {d.world} processes ended with different weights (checksums {checksums}); "
                        f"this is a bug, please report it with the recipe")
     metrics = evaluate(model, data.test_x, data.test_y, data.classes, rt)
+    lap("evaluation")
     summary = {k: metrics[k] for k in ("accuracy", "elbo", "recon", "kl", "n", "recon_accuracy", "sample_accuracy")}
     summary["train_seconds"] = round(seconds, 2)
     result = TrainResult(run, rt.device.type, rt.precision, len(rows), d.world, d.rank, checksums,
@@ -106,6 +116,7 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
     if not d.is_main:
         return result
     rejection, reference = calibrate_rejection(model, data, recipe, rt) or (None, None)
+    lap("calibration")
     if rejection is not None:
         result.reject = {k: v for k, v in rejection.items() if k not in ("holdout_scores", "components")}
     checkpoint.save(run.weights, model, classes=data.classes, preprocess=preprocess_of(data),
@@ -118,5 +129,8 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
     facts = report.run_facts({"path": str(run.weights), "metrics": summary, "reject": rejection,
                               "runtime": {"device": rt.device.type, "precision": rt.precision, "processes": d.world}})
     result.pictures = report.write_run_pictures(model, data, recipe, rt, run.root, metrics, run.metrics, run=facts)
+    lap("weights and pictures")
+    result.finish_seconds = stages
+    reporter.log("after the loop: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()))
     reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
     return result

@@ -143,6 +143,12 @@ def knn_similarity(f: Tensor, ref: Reference, leave_self_out: bool = False) -> T
     return torch.cat([(fb @ ref.features.T).topk(k, dim=1).values[:, -1] for fb in f.split(1024)]).double()
 
 
+# The top bound's draws when the whole bound is the likelihood's: another seed, so they are independent of that
+# pass's, as they are when `ratio` alone measures both bounds one after the other (its held-out values and a
+# classified image's then have one distribution)
+TOP_DRAWS = 1
+
+
 def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | frozenset[str] = frozenset(PARTS),
             progress=None, reference: Reference | None = None) -> dict[str, Tensor]:
     """The per-image measurements the scores read (float64, on the CPU); `upright` and `colours` only from a
@@ -162,8 +168,11 @@ def measure(model, x: Tensor, rt, samples: int, seed: int, parts: set[str] | fro
         out["energy"] = energy(model, x, rt).double()
     if "log_px" in parts:
         out["log_px"] = log_likelihood(model, x, samples, None, rt, seed=seed, progress=progress).double()
-    if "levels" in parts and (r := level_ratio(model, x, samples, rt, seed=seed, full=out.get("log_px"))) is not None:
-        out["levels"] = r  # with the likelihood's bound when it was measured: one ladder pass, not two
+    if "levels" in parts:  # with the likelihood's bound when it was measured: one ladder pass, not two
+        full = out.get("log_px")
+        r = level_ratio(model, x, samples, rt, seed=seed + (TOP_DRAWS if full is not None else 0), full=full)
+        if r is not None:
+            out["levels"] = r
     return out
 
 

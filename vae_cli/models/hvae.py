@@ -325,13 +325,15 @@ class HVAE(M1Head, CodeDensity, Model):
         return self.likelihood.mean(params)
 
     def fit_classifier(self, x, y, steps, batch_size):
-        """The M1 head and class codes (`M1Head`), and the per-class PPCA over every group (`CodeDensity`)."""
-        out = super().fit_classifier(x, y, steps, batch_size)
+        """The M1 head and class codes (`M1Head`), and the per-class PPCA over every group (`CodeDensity`), from
+        one ladder pass over the labelled images (the coarsest codes are the first `code_dim` of every group's)."""
         with torch.no_grad():
             self.eval()
             parts = [self.all_codes(xb) for xb in x.split(512)]
-            self.fit_code_density(torch.cat([m for m, _ in parts]), y, torch.cat([v for _, v in parts]))
-        return out
+            mean, logvar = torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+            self.fit_code_density(mean, y, logvar)
+        d = self.code_dim
+        return self.fit_head(mean[:, :d].contiguous(), logvar[:, :d].contiguous(), y, steps, batch_size)
 
     def sample(self, n, y=None, temperature=1.0):
         """n images; y (indices): their classes, every group from the class's PPCA (`CodeDensity`; a file from

@@ -71,7 +71,11 @@ class M1Head(ClassCodes):
         with torch.no_grad():
             self.eval()
             mu, logvar = zip(*(self.latent_posterior(xb) for xb in x.split(1024)))
-            mu, logvar = torch.cat(mu).float(), torch.cat(logvar).float()
+        return self.fit_head(torch.cat(mu).float(), torch.cat(logvar).float(), y, steps, batch_size)
+
+    def fit_head(self, mu: Tensor, logvar: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:
+        """The head and class codes from the labelled images' `latent_posterior` (mu, logvar), measured already."""
+        with torch.no_grad():
             self.feat_mean.copy_(mu.mean(0))
             self.feat_std.copy_(mu.std(0).clamp_min(1e-3) if len(mu) > 1 else torch.ones_like(mu[0]))
             self.fit_class_codes(mu, logvar, y)
