@@ -219,7 +219,10 @@ def test_colour_folder_end_to_end(tmp_path, photos, runner):
     report = json.loads(ev.stdout)
     nll = report["nll"]
     assert nll["discrete"] is True and nll["levels"] == 256 and 0 < nll["bits_per_dim"] < 16
-    # the shipped template classifies and generates: both picture numbers are measured, not null
+    # the shipped template classifies and generates (m2h: the ladder as p(x|y,z)); both picture numbers measured
+    from vae_cli.artifacts.checkpoint import read_metadata
+
+    assert read_metadata(weights)["recipe"]["model"]["name"] == "m2h"
     assert 0 <= report["recon_accuracy"] <= 1 and 0 <= report["sample_accuracy"] <= 1
     cl = runner.invoke(app, ["classify", str(weights), *map(str, test_files), "-f", "json"])
     assert cl.exit_code == 0, cl.output
