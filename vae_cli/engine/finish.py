@@ -86,19 +86,33 @@ def finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows:
         return _finish(model, data, recipe, rt, run, rows, reporter, seconds, d)
 
 
-def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows: list[dict],
-            reporter: Reporter, seconds: float, d: Dist) -> TrainResult:
-    stages, clock = {}, time.monotonic()
+class Laps:
+    """Wall seconds of each stage after the loop, in order: the finish of a CIFAR-10 ladder takes minutes, and
+    the log and `train --json` (`finish_seconds`) say where they went."""
 
-    def lap(stage: str) -> None:  # the finish of a CIFAR-10 ladder takes minutes: say where they go
-        nonlocal clock
-        stages[stage], clock = round(time.monotonic() - clock, 1), time.monotonic()
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
 
+    def __call__(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage], self._since = round(now - self._since, 1), now
+
+
+def _fit_images(data: Dataset, recipe: Recipe, reporter: Reporter) -> Tensor:
+    """The labelled images the classifier stage fits on: all, or a seeded subset of a streamed dataset (so a
+    dataset read from disk is not decoded whole)."""
     lab = data.labelled
-    if is_lazy(data.train_x) and len(lab) > STREAMED_FIT_IMAGES:  # do not decode a whole streamed dataset
+    if is_lazy(data.train_x) and len(lab) > STREAMED_FIT_IMAGES:
         lab = lab[torch.randperm(len(lab), generator=torch.Generator().manual_seed(recipe.seed))[:STREAMED_FIT_IMAGES]]
         reporter.log(f"fitting the classifier on {len(lab)} of the {len(data.labelled)} labelled images "
                      f"(the dataset streams from disk)")
+    return lab
+
+
+def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows: list[dict],
+            reporter: Reporter, seconds: float, d: Dist) -> TrainResult:
+    lap, lab = Laps(), _fit_images(data, recipe, reporter)
     with single_threaded() if rt.device.type == "cpu" else nullcontext():  # saved: the same on any cores
         head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
                                     recipe.train.head_steps, 256)
@@ -130,7 +144,7 @@ def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows
                               "runtime": {"device": rt.device.type, "precision": rt.precision, "processes": d.world}})
     result.pictures = report.write_run_pictures(model, data, recipe, rt, run.root, metrics, run.metrics, run=facts)
     lap("weights and pictures")
-    result.finish_seconds = stages
-    reporter.log("after the loop: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()))
+    result.finish_seconds = lap.seconds
+    reporter.log("after the loop: " + ", ".join(f"{k} {v:.0f}s" for k, v in lap.seconds.items()))
     reporter.log(f"done in {seconds:.1f}s: test accuracy {metrics['accuracy']:.4f}, test elbo {metrics['elbo']:.3f}")
     return result
