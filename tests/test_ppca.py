@@ -94,6 +94,23 @@ def test_class_samples_decode_codes_of_their_class_at_every_group(name):
     assert warm.shape == (6, 3, 16, 16) and warm.std(0).mean() > 0  # temperature 1 varies around the mean
 
 
+def test_unconditional_samples_of_a_fitted_ladder_come_from_the_class_mixture():
+    """`vae sample` without --class on an hvae whose densities are fitted draws the classes in turn from their
+    PPCAs (m2h did already): at temperature 0, class i's mean code decoded; before the fit, the ladder's prior."""
+    model = _ladder("hvae")
+    with torch.no_grad():
+        prior = model.sample(3, temperature=0.0)
+        assert torch.allclose(prior, model.draw(3, 0.0))
+    torch.manual_seed(1)
+    x, y = torch.rand(30, 3, 16, 16), torch.arange(3).repeat_interleave(10)
+    x[y == 1] *= 0.3
+    model.fit_classifier(x, y, 0, 16)
+    with torch.no_grad():
+        mixed = model.sample(6, temperature=0.0)
+        want = model.sample(6, torch.tensor([0, 1, 2, 0, 1, 2]), temperature=0.0)
+    assert torch.allclose(mixed, want) and not torch.allclose(mixed[:3], prior, atol=1e-3)
+
+
 def test_hvae_fits_head_codes_and_density_from_one_ladder_pass():
     """The M1 head's statistics and class codes come from the same pass as the PPCA (the coarsest codes are
     the first of every group's): the encoder runs once a batch, and they equal what `latent_posterior` gives."""

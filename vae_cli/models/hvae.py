@@ -337,7 +337,12 @@ class HVAE(M1Head, CodeDensity, Model):
 
     def sample(self, n, y=None, temperature=1.0):
         """n images; y (indices): their classes, every group from the class's PPCA (`CodeDensity`; a file from
-        before it: the coarsest groups from the class codes, the rest from the prior)."""
+        before it: the coarsest groups from the class codes, the rest from the prior). Without y, once the
+        densities are fitted, the classes in turn (as `m2h` does): a draw from their mixture (Tipping & Bishop
+        1999b, "Mixtures of probabilistic principal component analyzers"), where the ladder's own prior draws
+        textures (BENCHMARKS.md, session 15); a model with no labels to fit them on samples from the prior."""
+        if y is None and self.has_code_density:
+            y = torch.arange(n, device=self.code_mean.device) % len(self.code_mean)
         if y is not None and self.has_code_density:
             return self.draw(n, temperature, top_codes=self.draw_class_codes(y, temperature))
         codes = self.class_codes(y, temperature) if y is not None else None
