@@ -341,9 +341,8 @@ class HVAE(M1Head, CodeDensity, Model):
         densities are fitted, the classes in turn (as `m2h` does): a draw from their mixture (Tipping & Bishop
         1999b, "Mixtures of probabilistic principal component analyzers"), where the ladder's own prior draws
         textures (BENCHMARKS.md, session 15); a model with no labels to fit them on samples from the prior."""
-        if y is None and self.has_code_density:
-            y = torch.arange(n, device=self.code_mean.device) % len(self.code_mean)
-        if y is not None and self.has_code_density:
+        if self.has_code_density:
+            y = torch.arange(n, device=self.code_mean.device) % len(self.code_mean) if y is None else y
             return self.draw(n, temperature, top_codes=self.draw_class_codes(y, temperature))
         codes = self.class_codes(y, temperature) if y is not None else None
         return self.draw(n, temperature, top_codes=codes)
