@@ -257,3 +257,29 @@ def test_latent_map_of_a_tiny_split_projects():
 
     xy, how = project_2d(np.ones((1, 8), np.float32), "pca")
     assert xy.shape == (1, 2)
+
+
+@pytest.mark.parametrize("method", ["tsne", "pca"])
+@pytest.mark.parametrize("spread", ["point", "line"])
+def test_latent_map_of_codes_without_a_plane_projects(method, spread):
+    """A folder of identical images gives identical codes: t-SNE divided by their spread (NaN, and a segfault
+    inside `vae train`'s finish), PCA's variance shares were NaN. Codes on one point or one line keep their
+    first two coordinates, finite."""
+    from vae_cli.artifacts.plots import project_2d
+
+    z = np.ones((40, 8), np.float32)
+    if spread == "line":
+        z = z + np.linspace(0, 1, 40, dtype=np.float32)[:, None] * np.arange(8, dtype=np.float32)
+    xy, how = project_2d(z, method)
+    assert xy.shape == (40, 2) and np.isfinite(xy).all() and how == "first two latent coordinates"
+
+
+def test_one_class_metrics_raise_no_warning():
+    import warnings
+
+    from vae_cli.evaluation.metrics import classification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = classification(np.ones((5, 1), np.float32), np.zeros(5, np.int64), ["only"])
+    assert res["accuracy"] == 1.0 and res["confusion_matrix"] == [[5]]

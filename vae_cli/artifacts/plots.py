@@ -30,14 +30,20 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _spans_a_plane(z: np.ndarray) -> bool:
+    """Whether the centred codes have two directions of spread (a second singular value that is not ~0)."""
+    s = np.linalg.svd(z.astype(np.float64) - z.mean(0), compute_uv=False)
+    return bool(np.isfinite(s).all() and len(s) > 1 and s[1] > 1e-6 * max(s[0], 1e-30))
+
+
 def project_2d(z: np.ndarray, method: str = "tsne") -> tuple[np.ndarray, str]:
     """Latent means -> 2-D: as they are when the code is 2-D; else t-SNE (van der Maaten & Hinton 2008,
     initialised from PCA, seeded), which keeps neighbourhoods and so shows clusters, or the first two
     principal components, which keep global distances but often overlap classes."""
     if z.shape[1] <= 2:
         return np.pad(z, ((0, 0), (0, 2 - z.shape[1]))), "z"
-    if len(z) < 3:  # too few images for a projection (a tiny test split): the first two coordinates
-        return z[:, :2], "first two latent coordinates"
+    if len(z) < 3 or not _spans_a_plane(z):  # a tiny test split, or codes all on one point or line: t-SNE
+        return z[:, :2], "first two latent coordinates"  # divides by their spread (NaN, then a segfault)
     if method == "tsne" and len(z) > 5:
         from sklearn.manifold import TSNE
 

@@ -117,7 +117,7 @@ def _resume_or_begin(loop: Loop, run: RunDir, recipe: Recipe, resume: bool, resu
 
 def _banner(recipe: Recipe, data, rt: Runtime, d: Dist, shards: int, run: RunDir) -> str:
     procs = f", {d.world} processes" if d.enabled else ""
-    procs += f", {shards} shards a step" if shards else ""
+    procs += f", {shards} shard{'s' if shards > 1 else ''} a step" if shards else ""
     return (f"training '{recipe.model.name}' on {recipe.data.name}: {len(data.train_x)} train "
             f"({len(data.labelled)} labelled), {len(data.test_x)} test, image {data.image_shape}, "
             f"{rt.device.type}/{rt.precision}{procs}, {cpu_budget().describe()} -> {run.root}")

@@ -7,6 +7,7 @@ Each cites where its definition comes from, so the numbers compare with papers.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -71,13 +72,16 @@ def classification(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict
     pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
     labels = list(range(k))
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    with warnings.catch_warnings():  # one class: sklearn warns that it found a single label, which we know
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        confusion = confusion_matrix(y, pred, labels=labels).tolist()
     return {
         "accuracy": float((pred == y).mean()) if len(y) else 0.0,
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, c in enumerate(classes)},
         "macro_f1": float(f.mean()),
         "ece": expected_calibration_error(probs, y),
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "confusion_matrix": confusion,
     }
 
 
