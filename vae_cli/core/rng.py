@@ -64,6 +64,10 @@ def randn_like(t: Tensor) -> Tensor:
     return torch.randn(t.shape, dtype=t.dtype, device=t.device, **_kw(t.device))
 
 
+def randn(*size: int, device=None) -> Tensor:
+    return torch.randn(size, device=device, **_kw(device or "cpu"))
+
+
 def rand(*size: int, device=None) -> Tensor:
     return torch.rand(size, device=device, **_kw(device or "cpu"))
 

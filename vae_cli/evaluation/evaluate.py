@@ -11,22 +11,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vae_cli.core.pool import map_batches
 from vae_cli.core.runtime import Runtime, seeded
 from vae_cli.evaluation import metrics
 from vae_cli.models.likelihoods import LIKELIHOODS, decoder_channels
 
 
-@torch.no_grad()
-def _batched(fn, x: Tensor, runtime: Runtime, batch_size: int) -> list[Tensor]:
-    """fn over x batch by batch on the model's device, results back on the CPU as float32."""
-    out = []
-    for xb in x.split(batch_size):
-        xb = xb.to(runtime.device, non_blocking=True)
-        if xb.ndim == 4:  # the layout of the loaded conv weights (artifacts/checkpoint.load)
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            out.append(fn(xb).float().cpu())
-    return out
+def _on_device(xb: Tensor, runtime: Runtime) -> Tensor:
+    xb = xb.to(runtime.device, non_blocking=True)
+    # the layout of the loaded conv weights (artifacts/checkpoint.load)
+    return xb.contiguous(memory_format=torch.channels_last) if xb.ndim == 4 else xb
+
+
+def _batched(fn, x: Tensor, runtime: Runtime, batch_size: int, seed: int = 0) -> list[Tensor]:
+    """fn over x batch by batch on the model's device (on the CPU each batch on one thread: `core/pool.py`),
+    results back on the CPU as float32."""
+    def one(xb: Tensor) -> Tensor:
+        with runtime.autocast(cache=False):
+            return fn(_on_device(xb, runtime)).float().cpu()
+    return map_batches(one, x.split(batch_size), runtime.device, seed)
 
 
 def predict(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> Tensor:
@@ -73,11 +76,18 @@ def latent_means(model, x: Tensor, runtime: Runtime, batch_size: int = 512) -> T
     return torch.cat(_batched(model.latent_means, x, runtime, batch_size))
 
 
-def iwae_rows(model, budget: int = 2**28) -> int:
+# Elements of one IWAE chunk's decoder parameters: on the CPU a chunk stays in the allocator's reused memory
+# (glibc maps each block above 32 MB anew, and the page faults of two batches at once queue on one lock):
+# CIFAR-10 k=16 on 1,024 images, 27.6 s at 2**28 on two threads, 22.0 s at 2**22 on two one-thread batches.
+ROW_BUDGET = {"cpu": 2**22, "cuda": 2**28}
+
+
+def iwae_rows(model, device: torch.device | None = None) -> int:
     """How many (image, sample) rows the IWAE pass decodes at once: 8,192, fewer when the likelihood's parameters
-    per image are many, so a chunk's tensors stay near `budget` elements. With the 10-component mixture on CIFAR-10
-    (100 x 32 x 32 per image) 8,192 rows made gigabyte tensors: k=100 on 128 images took 55.9 s, 31.0 s at
-    1,024 rows (BENCHMARKS.md, session 15)."""
+    per image are many, so a chunk's tensors stay near `ROW_BUDGET` elements. With the 10-component mixture on
+    CIFAR-10 (100 x 32 x 32 per image) 8,192 rows made gigabyte tensors: k=100 on 128 images took 55.9 s, 31.0 s
+    at 1,024 rows (BENCHMARKS.md, session 15); at 64 rows, less again (session 25)."""
+    budget = ROW_BUDGET["cuda" if device is not None and device.type == "cuda" else "cpu"]
     shape = tuple(model.image_shape)
     if len(shape) != 3:
         return 8192
@@ -85,18 +95,19 @@ def iwae_rows(model, budget: int = 2**28) -> int:
     return max(64, min(8192, budget // per_row))
 
 
-@torch.no_grad()
 def log_likelihood(model, x: Tensor, k: int, levels: int | None, runtime: Runtime, batch_size: int = 256,
                    seed: int = 0, progress: Callable[[int], None] | None = None) -> Tensor:
     """Per-image IWAE estimates of log p(x) (nats), on the CPU; `progress(n)` after every n images."""
     model.eval()
-    out = []
+    rows = iwae_rows(model, runtime.device)
+    batch_size = min(batch_size, rows)  # a chunk of one sample per image stays within the budget too
+
+    def one(xb: Tensor) -> Tensor:
+        xb = xb.to(runtime.device, non_blocking=True)
+        return metrics.iwae_log_likelihood(model, xb, k, levels, lambda: runtime.autocast(cache=False), rows).cpu()
     with seeded(seed, runtime.device):
-        for xb in x.split(batch_size):
-            xb = xb.to(runtime.device, non_blocking=True)
-            out.append(metrics.iwae_log_likelihood(model, xb, k, levels, runtime.autocast, iwae_rows(model)).cpu())
-            if progress is not None:
-                progress(len(xb))
+        out = map_batches(one, x.split(batch_size), runtime.device, seed,
+                          progress=(lambda xb: progress(len(xb))) if progress is not None else None)
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -117,15 +128,16 @@ def generative_accuracy(model, x: Tensor, y: Tensor, runtime: Runtime, batch_siz
     model.eval()
     with seeded(seed, runtime.device):
         recon = _batched(lambda xb: model.class_probs(model.reconstruct(xb).float()).argmax(1), x, runtime,
-                         batch_size)
+                         batch_size, seed)
         out["recon_accuracy"] = (torch.cat(recon).long() == y.cpu()).float().mean().item()
         if model.class_conditional:
             wanted = torch.arange(model.num_classes).repeat_interleave(per_class)
-            got = []
-            for yb in wanted.split(batch_size):
-                with runtime.autocast():
+
+            def judged(yb: Tensor) -> Tensor:
+                with runtime.autocast(cache=False):
                     pics = model.sample(len(yb), yb.to(runtime.device)).float()
-                    got.append(model.class_probs(pics).argmax(1).cpu())
+                    return model.class_probs(pics).argmax(1).cpu()
+            got = map_batches(judged, wanted.split(batch_size), runtime.device, seed + 1)
             out["sample_accuracy"] = (torch.cat(got) == wanted).float().mean().item()
     return out
 
@@ -138,10 +150,17 @@ def level_ratio(model, x: Tensor, k: int, runtime: Runtime, batch_size: int = 25
     if not model.has_hierarchy:
         return None
     model.eval()
-    fulls = iter(full.split(batch_size)) if full is not None else None
+    batch_size = max(1, min(batch_size, iwae_rows(model, runtime.device) // k))  # both bounds in one chunk
+    pairs = zip(x.split(batch_size), full.split(batch_size)) if full is not None else \
+        ((xb, None) for xb in x.split(batch_size))  # lazily: a streamed split decodes as the work goes
+
+    def one(pair) -> Tensor:
+        xb, fb = pair
+        with runtime.autocast(cache=False):
+            xb = _on_device(xb, runtime)
+            return model.level_ratio(xb, k, None if fb is None else fb.to(xb.device)).float().cpu()
     with seeded(seed, runtime.device):
-        out = _batched(lambda xb: model.level_ratio(xb, k, None if fulls is None else next(fulls).to(xb.device)),
-                       x, runtime, batch_size)
+        out = map_batches(one, pairs, runtime.device, seed)
     return torch.cat(out).double() if out else torch.empty(0, dtype=torch.float64)
 
 
@@ -154,16 +173,17 @@ def evaluate(model, x: Tensor, y: Tensor, classes: list[str], runtime: Runtime, 
     labelled training images (x, y) to fit a linear probe and a kNN vote on latent means; `generative`, the
     classes kept by reconstructions and samples (`generative_accuracy`; the per-epoch numbers leave them out)."""
     model.eval()
-    recon, kl, probs, means = [], [], [], []
+    batch_size = min(batch_size, iwae_rows(model, runtime.device))  # the decoder's parameters stay small
+
+    def one(xb: Tensor) -> tuple[Tensor, ...]:  # one pass: each batch moves to the device once
+        xb = xb.to(runtime.device, non_blocking=True)
+        with runtime.autocast(cache=False):
+            parts = model.elbo_parts(xb)
+            return (parts["recon"].float().cpu(), parts["kl"].float().cpu(), model.class_probs(xb).float().cpu(),
+                    model.latent_means(xb).float().cpu())
     with seeded(seed, runtime.device):
-        for xb in x.split(batch_size):  # one pass: each batch moves to the device once
-            xb = xb.to(runtime.device, non_blocking=True)
-            with runtime.autocast():
-                parts = model.elbo_parts(xb)
-                probs.append(model.class_probs(xb).float().cpu())
-                means.append(model.latent_means(xb).float().cpu())
-            recon.append(parts["recon"].float().cpu())
-            kl.append(parts["kl"].float().cpu())
+        rows = map_batches(one, x.split(batch_size), runtime.device, seed)
+    recon, kl, probs, means = zip(*rows) if rows else ([], [], [], [])
     recon_t, kl_t = torch.cat(recon), torch.cat(kl)
     means_t = torch.cat(means)
     y_np = y.cpu().numpy()

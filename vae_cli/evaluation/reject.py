@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from vae_cli.core.errors import CheckpointError, UsageError
+from vae_cli.core.pool import map_batches
 from vae_cli.core.registry import Registry
 from vae_cli.evaluation import metrics
 from vae_cli.evaluation.catalog import LEGACY_NAMES, REJECT_SCORES
@@ -140,7 +141,8 @@ def knn_similarity(f: Tensor, ref: Reference, leave_self_out: bool = False) -> T
     `leave_self_out`: f is the reference itself, so each row's own match is skipped."""
     f = torch.nn.functional.normalize(f.float(), dim=1)
     k = ref.k + (1 if leave_self_out else 0)
-    return torch.cat([(fb @ ref.features.T).topk(k, dim=1).values[:, -1] for fb in f.split(1024)]).double()
+    sims = map_batches(lambda fb: (fb @ ref.features.T).topk(k, dim=1).values[:, -1], f.split(1024), f.device)
+    return torch.cat(sims).double() if sims else torch.empty(0, dtype=torch.float64)
 
 
 # The top bound's draws when the whole bound is the likelihood's: another seed, so they are independent of that

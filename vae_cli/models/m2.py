@@ -299,7 +299,7 @@ class M2(Model):
         b, K = x.shape[0], self.num_classes
         h = self.trunk(x)
         log_q = F.log_softmax(self.class_logits(h), 1)
-        y = torch.multinomial(log_q.exp(), k, replacement=True).flatten()  # (B*k), image-major
+        y = rng.multinomial(log_q.exp(), k, replacement=True).flatten()  # (B*k), image-major
         h_k, log_qy = h.repeat_interleave(k, 0), log_q.repeat_interleave(k, 0).gather(1, y[:, None])[:, 0]
         mu, logvar = self.posterior(h_k, y)
         z = losses.reparameterize(mu, logvar)
@@ -326,7 +326,7 @@ class M2(Model):
     def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         if y is None:
             y = torch.arange(n, device=self.device) % self.num_classes
-        z = torch.randn(n, self.cfg.latent_dim, device=self.device) * temperature
+        z = rng.randn(n, self.cfg.latent_dim, device=self.device) * temperature
         return self.likelihood.mean(self.decode(z, y))
 
     def reconstruct(self, x: Tensor) -> Tensor:

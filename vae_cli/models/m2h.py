@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_cli.core import rng
 from vae_cli.models.hvae import HVAE, top_level_ratio
 from vae_cli.models.m2 import M2, per_step_count
 from vae_cli.models.nets import one_hot
@@ -115,7 +116,7 @@ class M2H(ClassCodes, CodeDensity, M2):
         every fifth epoch, and a 100-class set would cost 100 passes). KL includes KL(q(y|x) || p(y))."""
         K = self.num_classes
         q = F.softmax(self.class_logits(self.trunk(x)).float(), 1)
-        y = torch.multinomial(q, 1)[:, 0]
+        y = rng.multinomial(q, 1)[:, 0]
         recon, kl_z = self.gen.neg_elbo_parts(x, one_hot(y, K))
         kl_y = (q * torch.log(q.clamp_min(1e-12))).sum(1) + math.log(K)
         return {"recon": recon, "kl": kl_z + kl_y}
@@ -125,7 +126,7 @@ class M2H(ClassCodes, CodeDensity, M2):
         ladder's groups from this index on drawn from their prior (`level_ratio`)."""
         b, K = len(x), self.num_classes
         log_q = F.log_softmax(self.class_logits(self.trunk(x)), 1)
-        y = torch.multinomial(log_q.exp(), k, replacement=True).flatten()  # (B*k), image-major
+        y = rng.multinomial(log_q.exp(), k, replacement=True).flatten()  # (B*k), image-major
         log_qy = log_q.repeat_interleave(k, 0).gather(1, y[:, None])[:, 0]
         log_w = self.gen.log_weights(x, k, levels, prior_from=prior_from, y=one_hot(y, K)).flatten() \
             - math.log(K) - log_qy

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vae_cli.core import rng
+
 RANK = 32  # directions per class (fewer where a class has fewer labelled images); stored as float16
 
 
@@ -68,8 +70,8 @@ def ppca_draw(mean: Tensor, w: Tensor, s2: Tensor, temperature: float) -> Tensor
     """Rows drawn from N(mean, W^T W + s2 I) (one per row of mean (B, D), w (B, r, D), s2 (B,)), the noise
     scaled by `temperature`."""
     b, r, d = w.shape
-    eps = torch.randn(b, r, device=mean.device)
-    noise = torch.randn(b, d, device=mean.device)
+    eps = rng.randn(b, r, device=mean.device)
+    noise = rng.randn(b, d, device=mean.device)
     return mean + temperature * (torch.einsum("br,brd->bd", eps, w.float()) + s2.sqrt()[:, None] * noise)
 
 

@@ -46,7 +46,7 @@ class ClassCodes:
 
     def class_codes(self, y: Tensor, temperature: float) -> Tensor:
         """Codes drawn from each class's Gaussian over the latent means, fitted on the labelled images."""
-        eps = torch.randn(len(y), self.class_mu.shape[1], device=self.class_mu.device) * temperature
+        eps = rng.randn(len(y), self.class_mu.shape[1], device=self.class_mu.device) * temperature
         return self.class_mu[y] + eps * torch.exp(0.5 * self.class_logvar[y])
 
 
@@ -164,7 +164,7 @@ class VAE(M1Head, Model):
     # --- generation ---------------------------------------------------------------------------------
     def sample(self, n, y=None, temperature=1.0):
         if y is None:
-            z = torch.randn(n, self.cfg.latent_dim, device=self.device) * temperature
+            z = rng.randn(n, self.cfg.latent_dim, device=self.device) * temperature
         else:  # the class's Gaussian over latent means, fitted on the labelled images
             z = self.class_codes(y, temperature)
         return self.likelihood.mean(self.decoder(z))
