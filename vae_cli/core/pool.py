@@ -34,8 +34,9 @@ _workers: list[ThreadPoolExecutor] = []
 _lock = threading.Lock()
 
 
-def _single_thread() -> None:
-    torch.set_num_threads(1)  # this worker's kernels run on it alone (OpenMP's thread count is per thread)
+def single_thread() -> None:
+    """A worker thread's initializer: its kernels run on it alone (OpenMP's thread count is per thread)."""
+    torch.set_num_threads(1)
 
 
 def workers(n: int) -> list[ThreadPoolExecutor]:
@@ -43,7 +44,7 @@ def workers(n: int) -> list[ThreadPoolExecutor]:
     and torch's set_num_threads empties oneDNN's cache, which must not happen while another batch computes."""
     with _lock:
         while len(_workers) < n:
-            w = ThreadPoolExecutor(1, thread_name_prefix=f"vae-batch{len(_workers)}", initializer=_single_thread)
+            w = ThreadPoolExecutor(1, thread_name_prefix=f"vae-batch{len(_workers)}", initializer=single_thread)
             w.submit(lambda: None).result()
             _workers.append(w)
         return _workers[:n]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vae_cli.core import rng
+from vae_cli.core.pool import single_thread
 
 MAX_AUTO = 8  # shards chosen automatically: at most this many ...
 MIN_IMAGES = 32  # ... each of at least this many images (batch-norm statistics of a few images are noise) ...
@@ -49,10 +50,6 @@ def shard_seed(seed: int, step: int, shard: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _single_thread() -> None:
-    torch.set_num_threads(1)  # OpenMP's thread count is per thread: this worker's kernels run on it alone
-
-
 class Shards:
     """`n` replicas of `model` (the first is the model itself) and the worker threads that run them: shard i
     always on worker i, and the one-thread reductions (`call`, `reduce`) on worker 0. A thread carries state
@@ -63,7 +60,7 @@ class Shards:
     def __init__(self, model: nn.Module, n: int, seed: int):
         self.model, self.n, self.seed = model, n, seed
         self.replicas = [model] + [copy.deepcopy(model) for _ in range(n - 1)]
-        self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"vae-shard{i}", initializer=_single_thread)
+        self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"vae-shard{i}", initializer=single_thread)
                         for i in range(n)]
         # every worker started now, not on demand: a thread's start sets its thread count, and torch's
         # set_num_threads also empties oneDNN's computation cache, which must not happen while a shard computes
