@@ -89,3 +89,21 @@ def test_a_finish_on_one_or_two_cores_writes_the_same_weights_file(tmp_path):
     ma, mb = (json.loads(m["metrics"]) for m in meta)
     ma.pop("train_seconds"), mb.pop("train_seconds")
     assert ma == mb
+
+
+@pytest.mark.parametrize("name", ["hvae", "m2h"])
+def test_a_ladders_classifier_stage_fits_the_same_on_one_or_two_cores(monkeypatch, name):
+    """The codes' pass of the classifier stage (its class densities are saved) runs in one-thread batches too."""
+    from tests.test_hvae import _hvae
+
+    x = torch.rand(1100, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # 3 batches of 512
+    y = torch.arange(1100) % 4
+
+    def fitted(cores: int) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(pool, "granted_cores", lambda: cores)
+        model = _hvae(name=name, **({"decoder_width": 16, "latent_levels": 2} if name == "m2h" else {}))
+        model.fit_classifier(x, y, 5, 64)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    one, two = fitted(1), fitted(2)
+    assert one["code_noise"].gt(0).all()
+    assert all(torch.equal(one[k], two[k]) for k in one), [k for k in one if not torch.equal(one[k], two[k])]

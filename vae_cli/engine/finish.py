@@ -113,7 +113,8 @@ def _fit_images(data: Dataset, recipe: Recipe, reporter: Reporter) -> Tensor:
 def _finish(model, data: Dataset, recipe: Recipe, rt: Runtime, run: RunDir, rows: list[dict],
             reporter: Reporter, seconds: float, d: Dist) -> TrainResult:
     lap, lab = Laps(), _fit_images(data, recipe, reporter)
-    with single_threaded() if rt.device.type == "cpu" else nullcontext():  # saved: the same on any cores
+    # saved: the same on any cores (the codes' pass runs in one-thread batches on all of them: core/pool.py)
+    with single_threaded() if rt.device.type == "cpu" else nullcontext():
         head = model.fit_classifier(data.train_x[lab].to(rt.device), data.train_y[lab].to(rt.device),
                                     recipe.train.head_steps, 256)
     lap("classifier")

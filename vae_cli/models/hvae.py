@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vae_cli.core import rng
+from vae_cli.core.pool import map_batches
 from vae_cli.models import losses
 from vae_cli.models.base import Model
 from vae_cli.models.likelihoods import decoder_channels, make_likelihood
@@ -329,7 +330,7 @@ class HVAE(M1Head, CodeDensity, Model):
         one ladder pass over the labelled images (the coarsest codes are the first `code_dim` of every group's)."""
         with torch.no_grad():
             self.eval()
-            parts = [self.all_codes(xb) for xb in x.split(512)]
+            parts = map_batches(self.all_codes, x.split(512), x.device)  # on all the cores, the same bits
             mean, logvar = torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
             self.fit_code_density(mean, y, logvar)
         d = self.code_dim

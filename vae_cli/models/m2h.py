@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vae_cli.core import rng
+from vae_cli.core.pool import map_batches
 from vae_cli.models.hvae import HVAE, top_level_ratio
 from vae_cli.models.m2 import M2, per_step_count
 from vae_cli.models.nets import one_hot
@@ -69,7 +70,8 @@ class M2H(ClassCodes, CodeDensity, M2):
         with torch.no_grad():
             self.eval()
             # one ladder pass: the coarsest codes are the first `code_dim` of every group's
-            parts = [self.gen.all_codes(xb, self._y(yb)) for xb, yb in zip(x.split(512), y.split(512))]
+            parts = map_batches(lambda b: self.gen.all_codes(b[0], self._y(b[1])), zip(x.split(512), y.split(512)),
+                                x.device)  # on all the cores, the same bits
             mean, logvar = torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
             d = self.gen.code_dim
             self.fit_class_codes(mean[:, :d], logvar[:, :d], y)

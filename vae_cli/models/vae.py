@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vae_cli.core import rng
+from vae_cli.core.pool import map_batches
 from vae_cli.models import losses
 from vae_cli.models.base import Model
 from vae_cli.models.likelihoods import decoder_channels, make_likelihood
@@ -70,7 +71,7 @@ class M1Head(ClassCodes):
     def fit_classifier(self, x, y, steps, batch_size):
         with torch.no_grad():
             self.eval()
-            mu, logvar = zip(*(self.latent_posterior(xb) for xb in x.split(1024)))
+            mu, logvar = zip(*map_batches(self.latent_posterior, x.split(1024), x.device))
         return self.fit_head(torch.cat(mu).float(), torch.cat(logvar).float(), y, steps, batch_size)
 
     def fit_head(self, mu: Tensor, logvar: Tensor, y: Tensor, steps: int, batch_size: int) -> dict[str, float]:
